@@ -1,0 +1,49 @@
+"""Model configuration: the architecture of each tower, independent of how it is parallelised."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VisionConfig:
+    """A Qwen2.5-VL-style native-resolution ViT (defaults: finevit-0.9b)."""
+
+    num_layers: int = 28
+    hidden_size: int = 1536
+    num_heads: int = 16
+    ffn_hidden_size: int = 4608  # SwiGLU inner width
+    patch_size: int = 14
+    # Qwen2.5-VL embeds 2-frame "tubelets"; a still image is its frame repeated. Keeping 2 makes the
+    # converted checkpoint a drop-in; 1 halves the patch-embedding input for image-only training.
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2  # 2x2 patches are grouped for the merger (and kept adjacent in token order)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    linear_bias: bool = True  # projection and MLP biases, as in Qwen2.5-VL
+    rope_theta: float = 10000.0
+    # Window attention: layers listed here attend within window_size x window_size pixel windows;
+    # every other layer attends over the whole image. Empty = full attention everywhere.
+    window_layers: list[int] = field(default_factory=list)
+    window_size: int = 112
+    merger: bool = True  # 2x2 patch merger head (RMSNorm + 2-layer MLP), the LLM-facing output
+    out_hidden_size: int = 1536  # merger output width (the LLM's hidden size in stage 2)
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x frames x patch x patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per merged token (2x2 = 4)."""
+        return self.spatial_merge_size**2
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
