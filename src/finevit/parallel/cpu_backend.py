@@ -8,8 +8,8 @@ This module is the one place that redirects those to the CPU:
 
 * device: a TorchFunctionMode maps every CUDA device argument (`device=0`, "cuda", `.cuda()`,
   `.to("cuda")`) to the CPU, and reports CPU float tensors with their CUDA type string;
-* RNG: the CUDA RNG calls read and write the CPU generator, so the tracker's `fork()` still
-  swaps states the way it does on a GPU;
+* RNG: the CUDA RNG calls (torch.cuda's and megatron's own state helpers) read and write the
+  CPU generator, so the tracker's `fork()` still swaps states the way it does on a GPU;
 * streams, events, synchronize, memory statistics: no-ops.
 
 `enable()` is called by `finevit.parallel.init_distributed` only when `torch.cuda.is_available()`
@@ -120,7 +120,9 @@ def enable() -> None:
 
     cuda = torch.cuda
     patches = {
-        "current_device": _returning(0),
+        # A device, not an index: megatron writes `device=torch.cuda.current_device()`, and the
+        # function mode below is not active inside autograd's backward.
+        "current_device": _returning(torch.device("cpu")),
         "set_device": _returning(None),
         "synchronize": _returning(None),
         "empty_cache": _returning(None),
@@ -142,6 +144,14 @@ def enable() -> None:
     }
     for name, value in patches.items():
         setattr(cuda, name, value)
+    for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
+        setattr(cuda.random, name, patches[name])
+    # megatron's RNG tracker reads and writes generator state through its own helpers (the
+    # setter queues a lazy CUDA call that would never run here): point them at the CPU generator.
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     cuda.nvtx.range_push = _returning(None)
     cuda.nvtx.range_pop = _returning(None)
     # Entered once and kept for the life of the process: megatron creates CUDA tensors from

@@ -87,9 +87,14 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600,
     else:
         cpu_backend.enable()
     if not torch.distributed.is_initialized():
+        # env:// so that under torchrun the workers join the agent's store instead of racing
+        # it for MASTER_PORT; for srun / single runs we export what env:// reads.
+        if environ is None:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
         torch.distributed.init_process_group(
             backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            init_method="env://" if environ is None else f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

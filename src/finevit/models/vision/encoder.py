@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -60,6 +61,8 @@ class PatchMerger(MegatronModule):
 
 
 class FineViTEncoder(MegatronModule):
+    model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+
     def __init__(self, config: VisionTransformerConfig, vision: VisionConfig, spec: ModuleSpec,
                  pg_collection: ProcessGroupCollection, pre_process: bool = True,
                  post_process: bool = True, vp_stage: Optional[int] = None):

@@ -1,0 +1,33 @@
+"""Megatron process groups for one model, as an explicit ProcessGroupCollection.
+
+Model code receives the collection it should use; nothing below the constructors reads
+megatron's global parallel_state. That lets stage 2 hold a ViT and an LLM with different
+layouts side by side, and lets tests build a TP=1 reference next to a TP=2 model.
+"""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from finevit.config import ParallelConfig
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> ProcessGroupCollection:
+    """(Re)build megatron's TP / PP / DP groups for `parallel` and seed the TP RNG tracker."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        # gloo duplicates of the DP groups only matter when the main backend is NCCL.
+        create_gloo_process_groups=torch.distributed.get_backend() == "nccl",
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def data_parallel_rank_and_size(pg: ProcessGroupCollection) -> tuple[int, int]:
+    """The data loader shards by this, never by the global rank (TP/PP peers share batches)."""
+    return pg.dp.rank(), pg.dp.size()

@@ -1,0 +1,82 @@
+"""Shared test fixtures, and the harness for multi-rank tests.
+
+Multi-rank tests live in files named `dist_*.py` (pytest's default pattern skips them). They
+run as real processes on gloo: `tests/parallel/test_multirank.py` launches ONE torchrun of 4
+ranks over all of them, so process start-up and imports are paid once; each test builds the
+megatron parallel groups it needs (`parallel_groups(tp=..., pp=...)`), which on gloo is cheap.
+Inside that launch every rank records its outcomes (FINEVIT_DIST_RESULTS) and the outer
+session reports one test per multi-rank test, failing with the failing rank's traceback.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS_DIR = os.environ.get("FINEVIT_DIST_RESULTS")
+GLOO_TIMEOUT_S = 120  # a rank that fails leaves its peers blocked until this expires
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests (still run in CI)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if RESULTS_DIR:
+    def pytest_runtest_logreport(report):
+        if report.when == "call" or report.outcome != "passed":
+            rank = os.environ.get("RANK", "0")
+            line = {"name": report.nodeid.split("::")[-1], "file": Path(report.fspath).name,
+                    "when": report.when, "outcome": report.outcome,
+                    "text": str(report.longrepr) if report.outcome != "passed" else ""}
+            with open(Path(RESULTS_DIR) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+@pytest.fixture(scope="session")
+def dist():
+    """torch.distributed for this process: the torchrun world, or a single gloo rank."""
+    from finevit.parallel.dist import init_distributed
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(free_port())
+        init_distributed(timeout_s=GLOO_TIMEOUT_S)
+    return torch.distributed
+
+
+@pytest.fixture(scope="session")
+def parallel_groups(dist):
+    """parallel_groups(tp=1, pp=1, vpp=None) -> megatron ProcessGroupCollection for this layout."""
+    from finevit.config import ParallelConfig
+    from finevit.parallel.groups import init_model_parallel
+
+    def make(tp: int = 1, pp: int = 1, vpp=None):
+        return init_model_parallel(ParallelConfig(tensor=tp, pipeline=pp, virtual_pipeline=vpp))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def solo_groups(dist):
+    """A collection in which every group is this rank alone: for TP=1/PP=1 references built
+    beside a parallel model in the same process."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # new_group is collective: every rank creates every singleton group, in the same order.
+    mine = [dist.new_group([r]) for r in range(world)][rank]
+    pg = ProcessGroupCollection()
+    for name in ("tp", "pp", "mp", "cp", "tp_cp", "dp", "dp_cp", "tp_dp_cp", "embd", "pos_embd",
+                 "dp_cp_gtp_remat", "intra_dp_cp"):
+        setattr(pg, name, mine)
+    return pg
