@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench doctor demo clean
+.PHONY: install test test-fast bench doctor clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,7 @@ doctor: install
 
 bench: install
 	$(PY) bench/encoder.py
+	$(PY) bench/data_loader.py --images 200
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -51,7 +51,12 @@ def dist():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(free_port())
         init_distributed(timeout_s=GLOO_TIMEOUT_S)
-    return torch.distributed
+    yield torch.distributed
+    # Without an orderly teardown the gloo threads keep the interpreter from exiting.
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

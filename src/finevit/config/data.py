@@ -56,7 +56,7 @@ class DataConfig:
     # faster for large sources, pixels differ slightly from a full decode followed by a resize.
     jpeg_draft: bool = True
     tokenizer: Optional[str] = None  # sentencepiece .model for the captions (stage 1)
-    max_text_len: int = 512  # caption tokens kept per image (can be lowered during training)
+    max_text_len: int = 256  # caption tokens kept per image (phases may use fewer)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def problems(self) -> list[str]:

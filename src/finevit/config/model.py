@@ -45,5 +45,50 @@ class VisionConfig:
 
 
 @dataclass
+class TextConfig:
+    """A SigLIP2-style text tower: learned positions, pre-LN LayerNorm, GELU MLP, pooled + linear head.
+
+    Defaults are SigLIP2-base's text tower apart from the vocabulary, which comes from the
+    captions' sentencepiece model (data_tools/train_tokenizer.py).
+    """
+
+    vocab_size: int = 32000
+    # Rows of the learned position table: the longest text of any phase. Shorter phases use the
+    # first rows; when a phase lengthens the text, the trained rows are stretched over the longer
+    # range by linear interpolation (see models/text/encoder.py).
+    max_positions: int = 256
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_hidden_size: int = 3072
+    norm_eps: float = 1e-6
+    # "last": the hidden state at the final position of the padded text, as SigLIP / SigLIP2
+    # (texts padded to the phase's length, no attention mask), which keeps an imported tower
+    # exact; "eos": the state at each caption's end-of-text token, with padding masked out.
+    pooling: str = "last"
+    pad_id: int = 0
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ContrastiveConfig:
+    """What the two towers are trained against: the shared embedding and the loss."""
+
+    embed_dim: int = 1024  # shared image-text embedding width (both projections end here)
+    loss: str = "sigmoid"  # sigmoid (SigLIP) | softmax (InfoNCE, CLIP)
+    # SigLIP init: logits = exp(t) * cos + b with t = log 10, b = -10 (the bias is unused by softmax).
+    init_logit_scale: float = 2.302585092994046
+    init_logit_bias: float = -10.0
+    pool_heads: int = 16  # heads of the vision attention-pooling (MAP) probe
+    chunk_size: int = 1024  # texts scored per chunk: bounds loss memory to local_images x chunk
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)

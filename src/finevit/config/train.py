@@ -1,6 +1,6 @@
 """Optimizer, LR schedule, precision, checkpoint and logging configuration."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -14,16 +14,45 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
+    # Per-tower LR multipliers (the text tower imported from SigLIP2 usually wants a smaller one).
+    vision_lr_mult: float = 1.0
+    text_lr_mult: float = 1.0
+    # Norm weights, biases, position tables and the logit scale/bias take no weight decay.
+    no_decay_1d: bool = True
+
+
+@dataclass
+class PhaseConfig:
+    """One stage of the progressive schedule, in force from `start_samples` consumed on.
+
+    Unset (null) fields keep the previous phase's value (the first phase's fall back to `data`).
+    """
+
+    start_samples: int = 0
+    name: str = ""
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_text_len: Optional[int] = None
+    freeze_text: Optional[bool] = None
+    freeze_vision: Optional[bool] = None
 
 
 @dataclass
 class ScheduleConfig:
     train_samples: int = 1_000_000
-    global_batch_size: int = 1024  # images per optimizer step
-    micro_batch_size: int = 1  # packed sequences per micro-batch (native-resolution packing uses 1)
+    # Packed micro-batches per data-parallel rank per optimizer step (gradient accumulation; with
+    # pipeline parallelism also the pipeline's micro-batches). An image count per step cannot be
+    # fixed with token-budget packing: a step holds micro_batches_per_step x data-parallel size
+    # packed sequences of data.max_tokens tokens, and train_samples counts the images consumed.
+    # With a contrastive loss each micro-batch (across the data-parallel ranks) is its own
+    # contrastive group: 4 micro-batches are not one 4x larger batch (see docs/training.md).
+    micro_batches_per_step: int = 1
     warmup_samples: int = 10_000
     decay_style: str = "cosine"  # cosine | linear | constant | wsd
     wsd_decay_fraction: float = 0.1  # with decay_style=wsd: final fraction of training that decays
+    # The progressive schedule (FineViT stage 1: 336^2 -> 448^2 pixels, 64 -> 256 text tokens,
+    # text tower frozen then unfrozen). Empty: one phase with the data settings throughout.
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """One validation pass over a Config, before any process group exists.
 
 Every problem found is reported (one sentence each, naming the offending keys and values), so a
-user fixes a broken config in one round instead of one crash per launch.
+user fixes a broken config in one round instead of one crash per launch. Checks that divide by a
+setting run only when that setting is itself valid, so a zero never crashes the validator.
 """
 
 from typing import Optional
@@ -13,41 +14,122 @@ RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("bf16", "fp16", "fp32")
 DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 BACKENDS = ("auto", "nccl", "gloo")
+OPTIMIZERS = ("adam", "sgd")  # megatron-core's names
+VISION_SIZES = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "patch_size",
+                "temporal_patch_size", "in_channels", "spatial_merge_size", "out_hidden_size")
+
+
+def _one_of(key: str, value: str, allowed: tuple) -> list[str]:
+    return [] if value in allowed else [f"{key}='{value}' is not one of {', '.join(allowed)}"]
+
+
+def _positive(section: str, obj, keys) -> list[str]:
+    return [f"{section}.{k}={getattr(obj, k)} must be a positive integer" for k in keys if getattr(obj, k) < 1]
+
+
+def _vision_ok(cfg: Config) -> bool:
+    return not _positive("model.vision", cfg.model.vision, VISION_SIZES)
+
+
+def _parallel_ok(cfg: Config) -> bool:
+    return cfg.parallel.tensor >= 1 and cfg.parallel.pipeline >= 1
 
 
 def _vision(cfg: Config) -> list[str]:
-    v, tp = cfg.model.vision, cfg.parallel.tensor
-    out = []
-    for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "patch_size",
-                "temporal_patch_size", "in_channels", "spatial_merge_size", "out_hidden_size"):
-        if getattr(v, key) < 1:
-            out.append(f"model.vision.{key}={getattr(v, key)} must be a positive integer")
+    v = cfg.model.vision
+    out = _positive("model.vision", v, VISION_SIZES)
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        if not getattr(v, key) > 0:
+            out.append(f"model.vision.{key}={getattr(v, key)} must be positive")
     if out:
         return out
     if v.hidden_size % v.num_heads:
         out.append(f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_heads={v.num_heads}")
     elif v.head_dim % 4:
+        # 2D RoPE: half the rotated pairs encode the row, half the column.
         out.append(f"model.vision head dim {v.head_dim} (hidden_size/num_heads) must be divisible by 4 for 2D rotary embeddings")
-    if v.num_heads % tp:
-        out.append(f"model.vision.num_heads={v.num_heads} is not divisible by parallel.tensor={tp}")
-    if v.ffn_hidden_size % tp:
-        out.append(f"model.vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible by parallel.tensor={tp}")
-    unit = v.patch_size * v.spatial_merge_size
-    if v.window_layers and v.window_size % unit:
-        out.append(f"model.vision.window_size={v.window_size} must be a multiple of patch_size x spatial_merge_size = {unit}")
-    bad = [i for i in v.window_layers if not 0 <= i < v.num_layers]
+    bad = sorted({i for i in v.window_layers if not 0 <= i < v.num_layers})
     if bad:
         out.append(f"model.vision.window_layers {bad} are outside [0, num_layers={v.num_layers})")
+    if len(set(v.window_layers)) < len(v.window_layers):
+        out.append(f"model.vision.window_layers {list(v.window_layers)} lists a layer more than once")
+    unit = v.patch_size * v.spatial_merge_size
+    if v.window_layers and (v.window_size < 1 or v.window_size % unit):
+        out.append(f"model.vision.window_size={v.window_size} must be a positive multiple of patch_size x spatial_merge_size = {unit}")
+    if _parallel_ok(cfg):
+        tp = cfg.parallel.tensor
+        if v.num_heads % tp:
+            out.append(f"model.vision.num_heads={v.num_heads} is not divisible by parallel.tensor={tp}")
+        if v.ffn_hidden_size % tp:
+            out.append(f"model.vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible by parallel.tensor={tp}")
+    return out
+
+
+TEXT_SIZES = ("vocab_size", "max_positions", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+POOLINGS = ("last", "eos")
+LOSSES = ("sigmoid", "softmax")
+
+
+def _text(cfg: Config) -> list[str]:
+    t, c = cfg.model.text, cfg.model.contrastive
+    out = _positive("model.text", t, TEXT_SIZES) + _positive("model.contrastive", c, ("embed_dim", "pool_heads", "chunk_size"))
+    out += _one_of("model.text.pooling", t.pooling, POOLINGS) + _one_of("model.contrastive.loss", c.loss, LOSSES)
+    if out:
+        return out
+    if t.hidden_size % t.num_heads:
+        out.append(f"model.text.hidden_size={t.hidden_size} is not divisible by model.text.num_heads={t.num_heads}")
+    v = cfg.model.vision
+    if _vision_ok(cfg) and not v.hidden_size % v.num_heads and v.hidden_size % c.pool_heads:
+        out.append(f"model.vision.hidden_size={v.hidden_size} is not divisible by model.contrastive.pool_heads={c.pool_heads}")
+    if not 0 <= t.pad_id < t.vocab_size:
+        out.append(f"model.text.pad_id={t.pad_id} is outside the vocabulary [0, {t.vocab_size})")
+    if cfg.data.max_text_len > t.max_positions and cfg.data.tokenizer:
+        out.append(f"data.max_text_len={cfg.data.max_text_len} exceeds model.text.max_positions={t.max_positions}")
+    if _parallel_ok(cfg):
+        tp = cfg.parallel.tensor
+        for key in ("num_heads", "ffn_hidden_size"):
+            if getattr(t, key) % tp:
+                out.append(f"model.text.{key}={getattr(t, key)} is not divisible by parallel.tensor={tp}")
+    return out
+
+
+def _phases(cfg: Config) -> list[str]:
+    out, phases = [], cfg.schedule.phases
+    if phases and phases[0].start_samples != 0:
+        out.append(f"schedule.phases[0].start_samples={phases[0].start_samples} must be 0 (the first phase starts the run)")
+    for i in range(1, len(phases)):
+        if phases[i].start_samples <= phases[i - 1].start_samples:
+            out.append(f"schedule.phases[{i}].start_samples={phases[i].start_samples} must be larger than "
+                       f"schedule.phases[{i - 1}].start_samples={phases[i - 1].start_samples}")
+    lo, hi, text = cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_text_len
+    for i, p in enumerate(phases):
+        lo, hi = p.min_pixels or lo, p.max_pixels or hi
+        text = p.max_text_len or text
+        if not 0 < lo <= hi:
+            out.append(f"schedule.phases[{i}] pixel budget [{lo}, {hi}] must satisfy 0 < min <= max")
+        elif _vision_ok(cfg) and cfg.data.max_tokens < hi // cfg.model.vision.patch_size**2:
+            out.append(f"schedule.phases[{i}].max_pixels={hi} gives images of {hi // cfg.model.vision.patch_size**2} "
+                       f"patches, more than data.max_tokens={cfg.data.max_tokens}")
+        if text > cfg.data.max_text_len:
+            out.append(f"schedule.phases[{i}].max_text_len={text} exceeds data.max_text_len={cfg.data.max_text_len}, "
+                       "the most tokens the loader keeps")
+        if text > cfg.model.text.max_positions:
+            out.append(f"schedule.phases[{i}].max_text_len={text} exceeds model.text.max_positions={cfg.model.text.max_positions}")
     return out
 
 
 def _parallel(cfg: Config, world_size: Optional[int]) -> list[str]:
     p, layers = cfg.parallel, cfg.model.vision.num_layers
-    out = []
-    for key in ("tensor", "pipeline"):
-        if getattr(p, key) < 1:
-            out.append(f"parallel.{key}={getattr(p, key)} must be a positive integer")
-    if out:
+    out = _positive("parallel", p, ("tensor", "pipeline", "timeout_s"))
+    if p.recompute == "full" and p.recompute_num_layers < 1:
+        out.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be a positive integer")
+    out += _one_of("parallel.recompute", p.recompute, RECOMPUTE)
+    out += _one_of("parallel.backend", p.backend, BACKENDS)
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        out.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
+    if world_size is not None and world_size < 1:
+        out.append(f"world size {world_size} must be a positive integer")
+    if not _parallel_ok(cfg):
         return out
     vpp = p.virtual_pipeline
     if vpp is not None:
@@ -55,37 +137,36 @@ def _parallel(cfg: Config, world_size: Optional[int]) -> list[str]:
             out.append(f"parallel.virtual_pipeline={vpp} must be at least 2 (or null to disable it)")
         elif p.pipeline < 2:
             out.append(f"parallel.virtual_pipeline={vpp} needs parallel.pipeline >= 2, got {p.pipeline}")
-    chunks = p.pipeline * (vpp or 1)
-    if layers % chunks:
+    chunks = p.pipeline * (vpp if vpp and vpp > 0 else 1)
+    if layers >= 1 and layers % chunks:
         out.append(
             f"model.vision.num_layers={layers} is not divisible by the {chunks} pipeline chunks "
             f"(parallel.pipeline={p.pipeline} x parallel.virtual_pipeline={vpp or 1})")
     if p.sequence_parallel and p.tensor == 1:
         out.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
-    if p.sequence_parallel and cfg.data.max_tokens % p.tensor:
+    elif p.sequence_parallel and cfg.data.max_tokens % p.tensor:
         out.append(f"data.max_tokens={cfg.data.max_tokens} is not divisible by parallel.tensor={p.tensor}, which sequence parallelism requires")
-    if p.recompute not in RECOMPUTE:
-        out.append(f"parallel.recompute='{p.recompute}' is not one of {', '.join(RECOMPUTE)}")
-    if p.backend not in BACKENDS:
-        out.append(f"parallel.backend='{p.backend}' is not one of {', '.join(BACKENDS)}")
-    if p.overlap_param_gather and not p.distributed_optimizer:
-        out.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
-    if world_size is not None and world_size % p.model_parallel_size():
-        out.append(
-            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-            f"{p.tensor} x {p.pipeline}")
+    if world_size is not None and world_size >= 1:
+        if world_size % p.model_parallel_size():
+            out.append(
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                f"{p.tensor} x {p.pipeline}")
     return out
 
 
 def _data(cfg: Config) -> list[str]:
     d, v = cfg.data, cfg.model.vision
-    out = []
-    side = v.patch_size * v.spatial_merge_size
+    out = cfg.data.problems()
+    if d.max_tokens < 1:
+        return out + [f"data.max_tokens={d.max_tokens} must be a positive integer"]
     if not 0 < d.min_pixels <= d.max_pixels:
         out.append(f"data.min_pixels={d.min_pixels} and data.max_pixels={d.max_pixels} must satisfy 0 < min <= max")
-    elif d.max_tokens * v.patch_size**2 < side * side:
-        out.append(f"data.max_tokens={d.max_tokens} cannot hold even one {side}x{side} image")
-    elif d.max_tokens < d.max_pixels // v.patch_size**2:
+    if not _vision_ok(cfg):
+        return out
+    if d.max_tokens < v.merge_unit:
+        side = v.patch_size * v.spatial_merge_size
+        return out + [f"data.max_tokens={d.max_tokens} cannot hold even one {side}x{side} image"]
+    if 0 < d.min_pixels <= d.max_pixels and d.max_tokens < d.max_pixels // v.patch_size**2:
         out.append(
             f"data.max_tokens={d.max_tokens} is smaller than the {d.max_pixels // v.patch_size**2} patches "
             f"of an image at data.max_pixels={d.max_pixels}")
@@ -94,30 +175,60 @@ def _data(cfg: Config) -> list[str]:
     return out
 
 
-def _training(cfg: Config) -> list[str]:
-    o, s = cfg.optimizer, cfg.schedule
-    out = []
-    if o.lr <= 0:
+def _optimizer(cfg: Config) -> list[str]:
+    o = cfg.optimizer
+    out = _one_of("optimizer.name", o.name, OPTIMIZERS)
+    if not o.lr > 0:
         out.append(f"optimizer.lr={o.lr} must be positive")
-    if not 0 <= o.min_lr <= o.lr:
+    elif not 0 <= o.min_lr <= o.lr:
         out.append(f"optimizer.min_lr={o.min_lr} must lie in [0, optimizer.lr={o.lr}]")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         out.append(f"optimizer betas ({o.beta1}, {o.beta2}) must lie in [0, 1)")
-    if s.global_batch_size < 1 or s.micro_batch_size < 1:
-        out.append("schedule.global_batch_size and schedule.micro_batch_size must be positive")
-    if s.warmup_samples > s.train_samples:
+    if not o.eps > 0:
+        out.append(f"optimizer.eps={o.eps} must be positive")
+    for key in ("weight_decay", "clip_grad"):
+        if not getattr(o, key) >= 0:
+            out.append(f"optimizer.{key}={getattr(o, key)} must not be negative")
+    return out
+
+
+def _schedule(cfg: Config) -> list[str]:
+    s = cfg.schedule
+    out = _positive("schedule", s, ("train_samples", "micro_batches_per_step"))
+    if s.warmup_samples < 0:
+        out.append(f"schedule.warmup_samples={s.warmup_samples} must not be negative")
+    elif s.warmup_samples > s.train_samples:
         out.append(f"schedule.warmup_samples={s.warmup_samples} exceeds schedule.train_samples={s.train_samples}")
-    if s.decay_style not in DECAY_STYLES:
-        out.append(f"schedule.decay_style='{s.decay_style}' is not one of {', '.join(DECAY_STYLES)}")
-    if cfg.precision.dtype not in DTYPES:
-        out.append(f"precision.dtype='{cfg.precision.dtype}' is not one of {', '.join(DTYPES)}")
-    if cfg.checkpoint.keep_last < 1:
-        out.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be at least 1")
+    out += _one_of("schedule.decay_style", s.decay_style, DECAY_STYLES)
+    if s.decay_style == "wsd" and not 0 < s.wsd_decay_fraction <= 1:
+        out.append(f"schedule.wsd_decay_fraction={s.wsd_decay_fraction} must lie in (0, 1]")
+    return out
+
+
+def _runtime(cfg: Config) -> list[str]:
+    out = _one_of("precision.dtype", cfg.precision.dtype, DTYPES)
+    out += _positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
+    out += _positive("logging", cfg.logging, ("log_interval",))
+    if not cfg.logging.run_dir:
+        out.append("logging.run_dir is empty")
+    return out
+
+
+def notes(cfg: Config) -> list[str]:
+    """Valid but consequential choices, logged once at the start of a run."""
+    out = []
+    m = cfg.schedule.micro_batches_per_step
+    if m > 1:
+        out.append(
+            f"schedule.micro_batches_per_step={m}: each step holds {m} separate contrastive groups "
+            "(one micro-batch across the data-parallel ranks each); the loss is the mean of their "
+            f"losses, not the loss of one {m}x larger batch, whose negatives span all of them")
     return out
 
 
 def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
-    return _vision(cfg) + _parallel(cfg, world_size) + _data(cfg) + _training(cfg)
+    return (_vision(cfg) + _text(cfg) + _parallel(cfg, world_size) + _data(cfg) + _optimizer(cfg)
+            + _schedule(cfg) + _phases(cfg) + _runtime(cfg))
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:

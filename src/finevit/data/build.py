@@ -380,7 +380,7 @@ def _run_parts(todo: list[Part], out: str, opts: BuildOptions, workers: int) -> 
         for part in todo:
             yield _build_part_safe(part, _part_dir(out, part), opts)
         return
-    # fork: the parent has imported streaming already (seconds per spawned worker otherwise).
+    import streaming  # noqa: F401 - import once here, not in every forked worker (seconds each)
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         futures = [pool.submit(_build_part_safe, p, _part_dir(out, p), opts) for p in todo]
         for fut in as_completed(futures):

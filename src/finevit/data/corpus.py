@@ -51,10 +51,13 @@ def write_manifest(out: str, schema: str, num_samples: int, **extra: Any) -> dic
 
 
 def read_manifest(path: str, cache: Optional[str] = None) -> dict:
-    """The manifest of a local corpus, or of a remote one (downloaded into `cache`)."""
-    if is_remote(path):
-        if not cache:
-            raise CorpusError(f"corpus {path} is remote: give a local cache directory for it")
+    """The manifest of a local corpus, or of one read through `cache` (downloaded there first).
+
+    With a cache, `path` is treated as remote even when it is a plain directory (a shared
+    filesystem read through node-local disk)."""
+    if is_remote(path) and not cache:
+        raise CorpusError(f"corpus {path} is remote: give a local cache directory for it")
+    if cache:
         from streaming.base.storage import CloudDownloader
         local = os.path.join(cache, MANIFEST)
         try:

@@ -265,9 +265,18 @@ def regions(scene: Scene) -> list[dict]:
 _STREAM_CODES = {"recaption": 1, "finecap": 2, "train": 1, "heldout": 2}
 
 
+def _rng(seed: int, schema: str, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _STREAM_CODES[schema], _STREAM_CODES[split], index])
+
+
+def demo_scene(seed: int, schema: str, split: str, index: int) -> Scene:
+    """The scene of record `index`, without rendering it."""
+    return make_scene(_rng(seed, schema, split, index))
+
+
 def demo_record(seed: int, schema: str, split: str, index: int) -> tuple[dict, Scene]:
     """Record `index` of the demo corpus (raw, as build_shards would receive it) and its scene."""
-    rng = np.random.default_rng([seed, _STREAM_CODES[schema], _STREAM_CODES[split], index])
+    rng = _rng(seed, schema, split, index)
     scene = make_scene(rng)
     fmt = FORMATS[int(rng.integers(len(FORMATS)))]
     rec = {"id": f"{schema[:2]}-{split}-{index:07d}", "image": encode(render(scene), fmt),

@@ -212,6 +212,26 @@ class PackedLoader:
         self.tokens += batch.num_tokens
         return batch
 
+    def set_pixel_budget(self, min_pixels: int, max_pixels: int) -> None:
+        """Resize images into [min_pixels, max_pixels] from the next batch on (a schedule phase).
+
+        Buffered samples were preprocessed at the old budget, so they go back to be re-read,
+        in order, before anything new: the batches after the switch depend only on the stream
+        and the new budget, which is what makes a resume across the switch exact.
+        """
+        pre = self.reader.preprocessor
+        if (pre.min_pixels, pre.max_pixels) == (int(min_pixels), int(max_pixels)):
+            return
+        pre.min_pixels, pre.max_pixels = int(min_pixels), int(max_pixels)
+        requeue = [s.k for s in self.packer.pop_all()] + list(self._carry)
+        self.close_workers()  # workers hold a copy of the old preprocessor and prefetched samples
+        self._carry = deque(requeue)
+        self._exhausted = False
+
+    @property
+    def pixel_budget(self) -> tuple[int, int]:
+        return self.reader.preprocessor.min_pixels, self.reader.preprocessor.max_pixels
+
     def set_max_text_len(self, n: int) -> None:
         """Caption tokens kept from the next batch on (at most data.max_text_len, what workers keep)."""
         self.max_text_len = max(1, min(int(n), self.cfg.max_text_len))
@@ -233,7 +253,7 @@ class PackedLoader:
             "version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
             "fingerprint": self.plan.fingerprint(), "phase": self.phase.to_dict(), "read": self.read,
             "buffer": [s.k for s in self.packer.buffer] + list(self._carry),
-            "max_text_len": self.max_text_len,
+            "max_text_len": self.max_text_len, "pixel_budget": list(self.pixel_budget),
             "counters": {"skipped": dict(self.skipped), "batches": self.batches, "images": self.images,
                          "tokens": self.tokens},
         }
@@ -250,6 +270,8 @@ class PackedLoader:
                     f"{self.plan.fingerprint()}): corpora, weights, seed or shuffle changed, so the "
                     "position cannot be carried over")
         self.max_text_len = int(states[0].get("max_text_len", self.cfg.max_text_len))
+        budget = states[0].get("pixel_budget", [self.cfg.min_pixels, self.cfg.max_pixels])
+        self.reader.preprocessor.min_pixels, self.reader.preprocessor.max_pixels = map(int, budget)
         own = [s for s in states if int(s["dp_rank"]) == self.dp_rank and int(s["dp_size"]) == self.dp_size]
         if own and all(int(s["dp_size"]) == self.dp_size for s in states):
             s = own[0]

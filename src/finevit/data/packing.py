@@ -146,6 +146,11 @@ class Packer:
         self.tokens -= sum(s.num_tokens for s in batch)
         return batch
 
+    def pop_all(self) -> list[Sample]:
+        """Empty the buffer, oldest first (for re-reading under new preprocessing)."""
+        batch, self.buffer, self.tokens = self.buffer, [], 0
+        return batch
+
 
 def collate(samples: list[Sample], max_tokens: int, patch_dim: int, max_text_len: Optional[int] = None,
             text_pad_id: int = 0, skipped: Optional[list] = None) -> PackedBatch:
@@ -153,9 +158,12 @@ def collate(samples: list[Sample], max_tokens: int, patch_dim: int, max_text_len
     lengths = [s.num_tokens for s in samples]
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    pixel_values = torch.zeros(max_tokens, patch_dim, dtype=torch.float32)
+    # empty + explicit zero tail: every row is written once (zeros() then cat would write twice).
+    pixel_values = torch.empty(max_tokens, patch_dim, dtype=torch.float32)
+    real = int(cu[-1])
     if samples:
-        torch.cat([s.pixel_values for s in samples], out=pixel_values[: int(cu[-1])])
+        torch.cat([s.pixel_values for s in samples], out=pixel_values[:real])
+    pixel_values[real:].zero_()
     text_ids = text_lengths = None
     if samples and all(s.text_ids is not None for s in samples):
         ids = [s.text_ids[:max_text_len] if max_text_len else s.text_ids for s in samples]

@@ -78,8 +78,8 @@ class PatchSpec:
         return cls(vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size, vision.in_channels)
 
 
-_SCALE = np.array([1 / (255.0 * s) for s in CLIP_STD], np.float32)
-_SHIFT = np.array([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], np.float32)
+_SCALE = torch.tensor([1 / (255.0 * s) for s in CLIP_STD], dtype=torch.float32)
+_SHIFT = torch.tensor([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=torch.float32)
 
 
 def patchify(rgb: np.ndarray, spec: PatchSpec = PatchSpec()) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -89,14 +89,16 @@ def patchify(rgb: np.ndarray, spec: PatchSpec = PatchSpec()) -> tuple[torch.Tens
     if H % spec.factor or W % spec.factor or C != spec.in_channels:
         raise ValueError(f"patchify needs [H, W, {spec.in_channels}] with sides multiples of {spec.factor}, got {rgb.shape}")
     h, w = H // p, W // p
-    x = rgb.astype(np.float32)
-    x *= _SCALE  # (x / 255 - mean) / std, as one multiply-add per value
-    x -= _SHIFT
-    x = x.reshape(h // m, m, p, w // m, m, p, C)  # [h/2, 2, 14, w/2, 2, 14, C]
-    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # [h/2, w/2, 2, 2, C, 14, 14]
-    out = np.empty((h // m, w // m, m, m, C, T, p, p), np.float32)
-    out[...] = x[:, :, :, :, :, None]  # the still image is every one of the T frames
-    return torch.from_numpy(out.reshape(h * w, spec.patch_dim)), (1, h, w)
+    # Reorder while still uint8 (the permuted copy moves a quarter of the bytes it would in
+    # float32), then normalise the contiguous result into the output in one pass.
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).view(h // m, m, p, w // m, m, p, C)  # [h/2, 2, 14, w/2, 2, 14, C]
+    x = x.permute(0, 3, 1, 4, 6, 2, 5).reshape(h * w, C, 1, p * p)  # [h*w, C, 1, 14*14]
+    out = torch.empty(h * w, C, T, p * p)
+    first = out[:, :, :1]
+    torch.mul(x, _SCALE.view(1, C, 1, 1), out=first)  # (x / 255 - mean) / std as x * a - b
+    first -= _SHIFT.view(1, C, 1, 1)
+    out[:, :, 1:] = first  # the still image is every one of the T frames
+    return out.view(h * w, spec.patch_dim), (1, h, w)
 
 
 @dataclass

@@ -5,23 +5,25 @@ bos 2, eos 3; `encode` appends eos so a caption decoder learns where to stop.
 """
 
 import io
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-def corpus_texts(corpus, every_caption: bool = True) -> Iterator[str]:
-    """Caption strings of an opened Corpus: all recaptions, or the global caption and region
-    texts of a finecap sample."""
+def corpus_texts(corpus, progress: Optional[Callable[[int], None]] = None) -> Iterator[str]:
+    """Caption strings of an opened Corpus: every recaption of a recaption sample, the global
+    caption and region texts of a finecap sample."""
     for i in range(len(corpus)):
         row = corpus[i]
         if corpus.schema == "recaption":
-            yield from (row["captions"] if every_caption else row["captions"][:1])
+            yield from row["captions"]
         else:
             yield row["global_caption"]
             yield from (r["text"] for r in row["regions"])
+        if progress:
+            progress(1)
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 8000,

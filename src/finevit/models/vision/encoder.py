@@ -61,7 +61,10 @@ class PatchMerger(MegatronModule):
 
 
 class FineViTEncoder(MegatronModule):
-    model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+    # Read by megatron's pipeline schedules and finalize_model_grads: no weights are tied
+    # between the first and last pipeline stage.
+    model_type = ModelType.encoder_or_decoder
+    share_embeddings_and_output_weights = False
 
     def __init__(self, config: VisionTransformerConfig, vision: VisionConfig, spec: ModuleSpec,
                  pg_collection: ProcessGroupCollection, pre_process: bool = True,

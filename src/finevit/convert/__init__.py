@@ -1,0 +1,1 @@
+"""Checkpoint conversion between finevit and other frameworks' layouts."""

@@ -1,0 +1,61 @@
+"""Wrap model chunks in megatron's DDP and build megatron's (distributed) optimizer.
+
+The wrapper owns gradient buffers: gradients accumulate in fp32 `main_grad` buffers, are
+reduce-scattered (distributed optimizer) or all-reduced over the data-parallel group after the
+last micro-batch, and megatron's `finalize_model_grads` also sums sequence-parallel norm
+gradients over the tensor-parallel group.
+"""
+
+from functools import partial
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from finevit.config import OptimizerConfig, ParallelConfig
+
+
+def wrap_ddp(chunks: list, parallel: ParallelConfig, pg: ProcessGroupCollection) -> list:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk, pg_collection=pg,
+            # Only the first chunk's buckets may skip bucketing-related overlap: megatron's rule.
+            disable_bucketing=i > 0))
+    config = chunks[0].config
+    config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
+    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: ParallelConfig,
+                    pg: ProcessGroupCollection, dtype: torch.dtype = torch.float32):
+    config = MegatronOptimizerConfig(
+        optimizer=optim.name,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+    return get_megatron_optimizer(config, ddp_chunks, pg_collection=pg,
+                                  use_gloo_process_groups=False)
