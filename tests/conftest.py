@@ -34,7 +34,8 @@ if RESULTS_DIR:
     def pytest_runtest_logreport(report):
         if report.when == "call" or report.outcome != "passed":
             rank = os.environ.get("RANK", "0")
-            line = {"name": report.nodeid.split("::")[-1], "file": Path(report.fspath).name,
+            # Parametrized cases report under their function's name: the outer test is per function.
+            line = {"name": report.nodeid.split("::")[-1].split("[")[0], "file": Path(report.fspath).name,
                     "when": report.when, "outcome": report.outcome,
                     "text": str(report.longrepr) if report.outcome != "passed" else ""}
             with open(Path(RESULTS_DIR) / f"rank{rank}.jsonl", "a") as f:
@@ -75,13 +76,6 @@ def parallel_groups(dist):
 def solo_groups(dist):
     """A collection in which every group is this rank alone: for TP=1/PP=1 references built
     beside a parallel model in the same process."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    from finevit.parallel.groups import solo_collection
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # new_group is collective: every rank creates every singleton group, in the same order.
-    mine = [dist.new_group([r]) for r in range(world)][rank]
-    pg = ProcessGroupCollection()
-    for name in ("tp", "pp", "mp", "cp", "tp_cp", "dp", "dp_cp", "tp_dp_cp", "embd", "pos_embd",
-                 "dp_cp_gtp_remat", "intra_dp_cp"):
-        setattr(pg, name, mine)
-    return pg
+    return solo_collection()

@@ -52,7 +52,31 @@ def add_config(sub) -> None:
     show.set_defaults(run=_run_config_show)
 
 
-COMMANDS = (add_doctor, add_config)
+def _run_train(args: argparse.Namespace) -> int:
+    from finevit.train import main
+
+    return main.train(args.config, args.overrides, args.task)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from finevit.train import main
+
+    return main.evaluate(args.config, args.overrides, args.task)
+
+
+def add_train_and_eval(sub) -> None:
+    for verb, run, text in (
+            ("train", _run_train, "train (resuming from the run directory's latest checkpoint if any)"),
+            ("eval", _run_eval, "zero-shot retrieval of the run's latest checkpoint on eval.corpora")):
+        p = sub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}. Launch under "
+                           "torchrun or srun for several processes; see launch/.")
+        p.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/stage1/demo_cpu.yaml")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+        p.add_argument("--task", default="stage1", choices=["stage1"], help="what to train (default stage1)")
+        p.set_defaults(run=run)
+
+
+COMMANDS = (add_doctor, add_config, add_train_and_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

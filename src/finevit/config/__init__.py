@@ -8,6 +8,7 @@ from finevit.config.parallel import ParallelConfig
 from finevit.config.schema import Config
 from finevit.config.train import (
     CheckpointConfig,
+    EvalConfig,
     LoggingConfig,
     OptimizerConfig,
     PhaseConfig,
@@ -17,7 +18,7 @@ from finevit.config.train import (
 from finevit.config.validate import validate
 
 __all__ = [
-    "CheckpointConfig", "Config", "ContrastiveConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "Config", "ContrastiveConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
     "OptimizerConfig", "ParallelConfig", "PhaseConfig", "PrecisionConfig", "ScheduleConfig", "TextConfig", "VisionConfig",
     "load_config", "parse_overrides", "to_yaml", "validate",
 ]

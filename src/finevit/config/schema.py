@@ -7,6 +7,7 @@ from finevit.config.model import ModelConfig
 from finevit.config.parallel import ParallelConfig
 from finevit.config.train import (
     CheckpointConfig,
+    EvalConfig,
     LoggingConfig,
     OptimizerConfig,
     PrecisionConfig,
@@ -23,4 +24,5 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

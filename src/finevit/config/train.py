@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
+from finevit.config.data import CorpusConfig
+
 
 @dataclass
 class OptimizerConfig:
@@ -53,6 +55,12 @@ class ScheduleConfig:
     # The progressive schedule (FineViT stage 1: 336^2 -> 448^2 pixels, 64 -> 256 text tokens,
     # text tower frozen then unfrozen). Empty: one phase with the data settings throughout.
     phases: list[PhaseConfig] = field(default_factory=list)
+    # Loss guard: a step with a non-finite loss or gradient norm is skipped (and counted); this
+    # many in a row stop the run with a checkpoint and a clear message.
+    max_bad_steps_in_a_row: int = 10
+    # Stop (with a checkpoint) after this many steps in this process, e.g. to fit a job's time
+    # box; the next launch resumes. Null: run to train_samples.
+    stop_after_steps: Optional[int] = None
 
 
 @dataclass
@@ -67,6 +75,16 @@ class CheckpointConfig:
     save_interval: int = 1000  # steps
     keep_last: int = 3
     load: Optional[str] = None  # explicit checkpoint to start from (else resume from dir if present)
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation on held-out corpora (long captions): image<->text recall@1/5."""
+
+    corpora: list[CorpusConfig] = field(default_factory=list)  # read once per evaluation
+    interval: int = 0  # steps between evaluations during training (0: only at the end)
+    at_start: bool = False  # also evaluate the untrained (or just resumed) model first
+    max_samples: Optional[int] = None  # cap per evaluation (default: the whole held-out split)
 
 
 @dataclass

@@ -101,6 +101,10 @@ def _phases(cfg: Config) -> list[str]:
         if phases[i].start_samples <= phases[i - 1].start_samples:
             out.append(f"schedule.phases[{i}].start_samples={phases[i].start_samples} must be larger than "
                        f"schedule.phases[{i - 1}].start_samples={phases[i - 1].start_samples}")
+    for i, p in enumerate(phases[1:], 1):
+        if p.start_samples >= cfg.schedule.train_samples:
+            out.append(f"schedule.phases[{i}].start_samples={p.start_samples} is not below "
+                       f"schedule.train_samples={cfg.schedule.train_samples}, so the phase would never run")
     lo, hi, text = cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_text_len
     for i, p in enumerate(phases):
         lo, hi = p.min_pixels or lo, p.max_pixels or hi
@@ -194,7 +198,9 @@ def _optimizer(cfg: Config) -> list[str]:
 
 def _schedule(cfg: Config) -> list[str]:
     s = cfg.schedule
-    out = _positive("schedule", s, ("train_samples", "micro_batches_per_step"))
+    out = _positive("schedule", s, ("train_samples", "micro_batches_per_step", "max_bad_steps_in_a_row"))
+    if s.stop_after_steps is not None and s.stop_after_steps < 1:
+        out.append(f"schedule.stop_after_steps={s.stop_after_steps} must be a positive integer (or null)")
     if s.warmup_samples < 0:
         out.append(f"schedule.warmup_samples={s.warmup_samples} must not be negative")
     elif s.warmup_samples > s.train_samples:

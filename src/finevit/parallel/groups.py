@@ -31,3 +31,18 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> ProcessGr
 def data_parallel_rank_and_size(pg: ProcessGroupCollection) -> tuple[int, int]:
     """The data loader shards by this, never by the global rank (TP/PP peers share batches)."""
     return pg.dp.rank(), pg.dp.size()
+
+
+GROUP_NAMES = ("tp", "pp", "mp", "cp", "tp_cp", "dp", "dp_cp", "tp_dp_cp", "embd", "pos_embd",
+               "dp_cp_gtp_remat", "intra_dp_cp")
+
+
+def solo_collection() -> ProcessGroupCollection:
+    """A collection in which every group is this rank alone: a TP=1, PP=1 model beside a parallel
+    one in the same process (canonical initialisation, references in tests). Collective: every
+    rank creates every singleton group, in the same order."""
+    mine, _ = torch.distributed.new_subgroups(group_size=1)
+    pg = ProcessGroupCollection()
+    for name in GROUP_NAMES:
+        setattr(pg, name, mine)
+    return pg

@@ -7,6 +7,7 @@ gradients over the tensor-parallel group.
 """
 
 from functools import partial
+from typing import Optional
 
 import torch
 from megatron.core.distributed import (
@@ -15,7 +16,8 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from finevit.config import OptimizerConfig, ParallelConfig
@@ -40,8 +42,23 @@ def wrap_ddp(chunks: list, parallel: ParallelConfig, pg: ProcessGroupCollection)
     return wrapped
 
 
+def tower_overrides(optim: OptimizerConfig, towers: dict[str, float]) -> dict:
+    """Param-group overrides: one group family per tower (tagged "tower", scaled by its LR
+    multiplier) so the trainer can freeze a tower or log its gradient norm from the groups;
+    plus megatron's standard no-weight-decay for biases and 1-D parameters."""
+    overrides = {}
+    for tower, mult in towers.items():
+        match = ParamWithNamePredicate(
+            name=f"tower_{tower}", fn=lambda p, n, t=tower: getattr(p, "finevit_tower", "vision") == t)
+        overrides[ParamKey(with_name_predicate=match)] = {"tower": tower, "lr_mult": mult}
+    return overrides
+
+
 def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: ParallelConfig,
-                    pg: ProcessGroupCollection, dtype: torch.dtype = torch.float32):
+                    pg: ProcessGroupCollection, dtype: torch.dtype = torch.float32,
+                    towers: Optional[dict[str, float]] = None):
+    """megatron's optimizer over the chunks; `towers` maps a tower name to its LR multiplier
+    (parameters carry their tower in the `finevit_tower` attribute; untagged ones are vision)."""
     config = MegatronOptimizerConfig(
         optimizer=optim.name,
         lr=optim.lr,
@@ -57,5 +74,7 @@ def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: Parallel
         use_distributed_optimizer=parallel.distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, ddp_chunks, pg_collection=pg,
+    overrides = get_standard_config_overrides(config) if optim.no_decay_1d else {}
+    overrides.update(tower_overrides(optim, towers or {"vision": optim.vision_lr_mult}))
+    return get_megatron_optimizer(config, ddp_chunks, config_overrides=overrides, pg_collection=pg,
                                   use_gloo_process_groups=False)

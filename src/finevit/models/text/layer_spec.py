@@ -1,0 +1,98 @@
+"""The text layer spec: SigLIP's encoder layer from megatron-core parts.
+
+Pre-norm LayerNorm, qkv with bias, bidirectional attention (no causal mask), GELU(tanh) MLP.
+As for the vision tower only the implementations change with transformer-engine: TE fuses each
+norm into the following column-parallel linear and attends with its fused kernel; the local spec
+uses megatron's tensor-parallel linears, torch's LayerNorm and SDPA. Attention takes an optional
+key-padding mask, needed only by "eos" pooling ("last" pooling is SigLIP's: no mask at all).
+"""
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm with megatron's norm constructor. megatron's WrappedTorchNorm would
+    build it too, but always in fp32 whatever `params_dtype` says."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+class MaskedSDPAttention(MegatronModule):
+    """Core attention by torch SDPA over [s, b, heads, d] (sbhd), with megatron's mask convention:
+    `attention_mask` [b, 1, 1, s] bool, True where a key is padding (None: attend everywhere)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("the text tower does not support context parallelism")
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        s, b, heads, dim = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
+        keep = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)  # [b, h, s, d] -> [s, b, h*d]
+
+
+def _layer(norm, qkv, core_attention, proj, fc1, fc2, mask_type: AttnMaskType) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv, core_attention=core_attention, linear_proj=proj,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=partial(MLP.as_mlp_submodule,
+                        submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def text_block_spec(use_te: bool, num_layers: int, masked: bool) -> TransformerBlockSubmodules:
+    """All layers of the tower and the final LayerNorm. masked=True ("eos" pooling) makes the
+    attention take a key-padding mask; TE needs to know at build time (its "padding" type)."""
+    mask_type = AttnMaskType.padding if masked else AttnMaskType.no_mask
+    if not use_te:
+        layer = _layer(LayerNorm, ColumnParallelLinear, MaskedSDPAttention, RowParallelLinear,
+                       ColumnParallelLinear, RowParallelLinear, mask_type)
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=LayerNorm)
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    # TE fuses each norm into the linear that follows it, so the layer's own norms are identities.
+    layer = _layer(IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention,
+                   TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear,
+                   mask_type)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)

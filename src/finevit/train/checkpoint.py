@@ -1,0 +1,374 @@
+"""Atomic, reshardable training checkpoints on megatron's dist_checkpointing (torch_dist format).
+
+Layout of a run's checkpoint directory:
+
+    <dir>/latest               name of the newest complete checkpoint ("step_000123"), replaced
+                               atomically (write a temp file, os.replace) after each save
+    <dir>/step_000123/         one complete checkpoint:
+        .metadata, __*_*.distcp, metadata.json   dist_checkpointing: model + optimizer tensors
+        trainer_state.pt       the trainer's `common` dict and every rank's `rank_state`
+        meta.json              step, layout, format; written last, so it marks completeness
+    <dir>/step_000124.tmp/     a save in progress (or interrupted): never read, removed by the
+                               next save
+
+Every rank writes its shards into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N/`
+and only then points `latest` at it, so a crash at any moment leaves the previous checkpoint
+intact and `latest` valid. The filesystem must be shared by all ranks.
+
+Tensors are stored in layout-independent form: model tensors under their global keys (layers
+numbered globally, TP shards placed in the full tensor) and the distributed optimizer in
+megatron's `fully_reshardable` format (per-parameter state in model space). A checkpoint loads
+into any TP / PP / VPP / DP layout, optimizer state included.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "finevit-ckpt-1"
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+OPTIMIZER_SHARDING = "fully_reshardable"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / META_FILE).is_file()
+
+
+def complete_checkpoints(run_ckpt_dir) -> list[Path]:
+    """Complete checkpoint directories, oldest first (by step number, not name)."""
+    root = Path(run_ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_latest(run_ckpt_dir) -> Optional[Path]:
+    """The checkpoint `latest` names; the newest complete one if the pointer is missing or bad."""
+    root = Path(run_ckpt_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _is_complete(target):
+            return target
+        logger.warning("%s names '%s', which is not a complete checkpoint; falling back to "
+                       "the newest complete one", pointer, target.name)
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _model_key(i: int, n: int) -> str:
+    # megatron's layout: "model" for one chunk, "model0", "model1", ... with virtual pipelining.
+    return "model" if n == 1 else f"model{i}"
+
+
+def _sharded_state_dict(model_chunks, optimizer, pg: ProcessGroupCollection,
+                        is_loading: bool) -> dict:
+    """Model chunks unwrapped (keys must not depend on the DDP / fp16 wrappers), then optimizer."""
+    metadata = {"dp_cp_group": pg.dp_cp}
+    state = {_model_key(i, len(model_chunks)): unwrap_model(c).sharded_state_dict(metadata=metadata)
+             for i, c in enumerate(model_chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={**metadata, "distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                      # Per-parameter keys are global already; a prefix would tie them to the
+                      # number of chained optimizers.
+                      "chained_optim_avoid_prefix": True})
+    return state
+
+
+@contextlib.contextmanager
+def _in_process_write_queue():
+    """Let a synchronous save collect its write results in a thread queue.
+
+    megatron's writer reports through a multiprocessing Manager queue, made on first use, even
+    when the save runs in this process: the Manager is a spawned server process that re-imports
+    torch (seconds per rank) and hangs scripts without a __main__ guard. Restored afterwards, so
+    a later asynchronous save still gets its Manager.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        yield  # already made (or megatron moved it): use it
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
+
+
+def _layout(model_chunks, pg: ProcessGroupCollection) -> dict:
+    return {"world_size": torch.distributed.get_world_size(), "tp": pg.tp.size(),
+            "pp": pg.pp.size(), "dp": pg.dp.size(), "model_chunks": len(model_chunks)}
+
+
+def _gather_rank_states(rank_state, pg: ProcessGroupCollection) -> list:
+    """Every rank's state, indexed by global rank, tagged with its coordinates in the layout."""
+    mine = {"rank": torch.distributed.get_rank(), "tp": pg.tp.rank(), "pp": pg.pp.rank(),
+            "dp": pg.dp.rank(), "state": rank_state}
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove interrupted saves (rank 0, before a new save starts)."""
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".trash")):
+            logger.info("removing leftover %s from an interrupted save", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _commit(root: Path, tmp: Path, final: Path, keep_last: Optional[int]) -> None:
+    """Rank 0: tmp -> final, then the pointer, then pruning. Each step leaves a loadable state."""
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after resuming at it): keep it until replaced
+        final.rename(final.with_name(final.name + ".trash"))
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, final.name + "\n")
+    shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
+    if keep_last and keep_last > 0:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            if old != final:
+                logger.info("removing old checkpoint %s (keep_last=%d)", old, keep_last)
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, common: dict,
+                    pg: ProcessGroupCollection, keep_last: Optional[int] = None,
+                    rank_state=None,
+                    _fail_after_model_save: Optional[Callable[[], None]] = None) -> Path:
+    """Save collectively (every rank calls this); returns the final checkpoint directory.
+
+    common: the trainer's plain dict (scheduler state, step, consumed samples, phase, ...),
+        taken from rank 0. rank_state: this rank's own picklable state (RNG, data loader);
+        all ranks' are gathered so that a run with another layout can still read them.
+    _fail_after_model_save: test hook, called on every rank after the tensors are written and
+        before the checkpoint is committed (raise from it to simulate a crash).
+    """
+    root = Path(run_ckpt_dir)
+    final = root / step_dir_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    started = time.time()
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(root)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    if optimizer is not None:
+        _materialize_adam_state(optimizer)  # a save before the first step needs it too
+    with _in_process_write_queue():
+        dist_checkpointing.save(
+            _sharded_state_dict(model_chunks, optimizer, pg, is_loading=False), str(tmp))
+    if _fail_after_model_save is not None:
+        _fail_after_model_save()
+    rank_states = _gather_rank_states(rank_state, pg)
+    if _is_rank0():
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save({"common": common, "rank_states": rank_states}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {"format": FORMAT, "step": step, "time": time.time(),
+                "layout": _layout(model_chunks, pg),
+                "optimizer": OPTIMIZER_SHARDING if optimizer is not None else None}
+        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
+    torch.distributed.barrier()  # every shard is on disk before the rename makes it visible
+    if _is_rank0():
+        _commit(root, tmp, final, keep_last)
+        logger.info("saved checkpoint %s in %.1f s", final, time.time() - started)
+    torch.distributed.barrier()  # nobody reads `latest` before it is updated
+    return final
+
+
+def read_meta(path) -> dict:
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give plain torch Adam(W) the state it creates lazily at its first step.
+
+    megatron's DistributedOptimizer.state_dict asserts one 'step' across the per-parameter
+    states, so it fails before the first step, and building the loading state dict calls it.
+    Zeros and step 0 are exactly what torch would create. TE / apex Adam keep 'step' in the
+    param groups and need nothing.
+    """
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _torch_adams(optimizer) -> list:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    inners = [getattr(s, "optimizer", None) for s in subs]
+    return [o for o in inners if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+@contextlib.contextmanager
+def _tolerate_missing_step(optimizer):
+    """Work around megatron 0.19 + torch Adam in `fully_reshardable` loads.
+
+    The format stores no per-parameter 'step' (it lives in the param groups), but
+    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every tensor of the
+    torch state, 'step' included, and fails with KeyError 'step'. Fill missing entries from
+    the current state (the step was already restored from the param groups).
+    """
+    patched = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(sub, "_set_main_param_and_optimizer_states", None)
+        if setter is None or not isinstance(getattr(sub, "optimizer", None),
+                                            (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+
+        def fill(model_param, tensors, sub=sub, setter=setter):
+            return setter(model_param, {**sub._get_main_param_and_optimizer_states(model_param),
+                                        **tensors})
+
+        sub._set_main_param_and_optimizer_states = fill
+        patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states  # back to the class method
+
+
+def _unshare_steps(optimizer) -> None:
+    """megatron loads one 'step' tensor into every parameter's state; torch's Adam increments
+    each in place, so a shared tensor would advance N times per step (wrong bias correction)."""
+    for inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def load_checkpoint(path, model_chunks: list, optimizer, pg: ProcessGroupCollection,
+                    load_optimizer: bool = True) -> dict:
+    """Load collectively into this rank's chunks (any layout) and optimizer; returns `common`.
+
+    The returned dict is the saved `common` plus "rank_states" (every saving rank's
+    `rank_state` with its tp/pp/dp coordinates; see `saved_rank_state`), "saved_layout" and,
+    unless the trainer saved its own, "step". With optimizer=None or load_optimizer=False only
+    the weights load (fine-tuning, evaluation, or a checkpoint saved without optimizer state).
+    Build the optimizer for the phase in force at the checkpoint (same frozen towers) first:
+    its parameters must match the saved optimizer state.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format: {meta.get('format')})")
+    with_optimizer = optimizer is not None and load_optimizer
+    if with_optimizer and meta.get("optimizer") is None:
+        raise ValueError(f"{path} holds no optimizer state; load with load_optimizer=False")
+    if with_optimizer:
+        _materialize_adam_state(optimizer)
+    else:
+        logger.warning("loading model weights only from %s (optimizer state skipped)", path)
+    sharded = _sharded_state_dict(model_chunks, optimizer if with_optimizer else None, pg,
+                                  is_loading=True)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(path))
+        for i, chunk in enumerate(model_chunks):
+            unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))],
+                                                strict=True)
+        if with_optimizer:
+            with _tolerate_missing_step(optimizer):
+                optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_steps(optimizer)
+        elif optimizer is not None:
+            # The optimizer's fp32 main copies must follow the loaded weights, or the next step
+            # would write the initial weights back.
+            optimizer.reload_model_params()
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    common = dict(state["common"])
+    common.update(rank_states=state["rank_states"], saved_layout=meta["layout"])
+    common.setdefault("step", meta["step"])
+    logger.info("loaded checkpoint %s (saved with %s)", path, meta["layout"])
+    return common
+
+
+def saved_rank_state(common: dict, pg: ProcessGroupCollection):
+    """This rank's saved `rank_state` when the layout is unchanged, else None.
+
+    With another layout per-rank state has no one-to-one owner: RNG streams restart from the
+    seed, and a data loader that can re-split its position reads all of `common["rank_states"]`.
+    """
+    layout = common.get("saved_layout", {})
+    same = (layout.get("world_size") == torch.distributed.get_world_size()
+            and (layout.get("tp"), layout.get("pp"), layout.get("dp"))
+            == (pg.tp.size(), pg.pp.size(), pg.dp.size()))
+    if not same:
+        return None
+    return common["rank_states"][torch.distributed.get_rank()]["state"]
+
+
+def rng_state() -> dict:
+    """This rank's random generators, megatron's tensor-parallel RNG tracker included."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

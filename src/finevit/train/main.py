@@ -1,0 +1,81 @@
+"""`finevit train` / `finevit eval`: load and validate the config, then run the task.
+
+Launch with torchrun or srun (one process per GPU; see launch/); a single process also works.
+"""
+
+import logging
+import os
+import sys
+
+from finevit.config import Config, ConfigError, load_config, validate
+
+TASKS = ("stage1",)
+log = logging.getLogger("finevit.train")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter at INFO
+
+
+def load(config: str, overrides: list[str]) -> Config:
+    """The validated config, checked against the launcher's world size."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return validate(load_config(config, overrides), world)
+
+
+def make_task(cfg: Config, name: str):
+    if name == "stage1":
+        from finevit.train.stage1 import Stage1Task
+
+        return Stage1Task(cfg)
+    raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
+
+
+def train(config: str, overrides: list[str], task: str = "stage1") -> int:
+    _setup_logging()
+    try:
+        cfg = load(config, overrides)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("config: %s", problem)
+        return 2
+    from finevit.train.trainer import Trainer, TrainingError
+
+    trainer = Trainer(cfg, make_task(cfg, task)).setup()
+    try:
+        state = trainer.train()
+    except TrainingError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        trainer.close()
+    log.info("done: step %d, %d samples, %d skipped steps", state.step, state.consumed_samples,
+             state.skipped_steps)
+    return 0
+
+
+def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
+    """Evaluate the latest checkpoint of the run (or checkpoint.load) on eval.corpora."""
+    _setup_logging()
+    try:
+        cfg = load(config, overrides)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("config: %s", problem)
+        return 2
+    if not cfg.eval.corpora:
+        log.error("config: eval.corpora is empty: name the held-out corpora to evaluate on")
+        return 2
+    from finevit.train.trainer import Trainer
+
+    trainer = Trainer(cfg, make_task(cfg, task)).setup()
+    try:
+        result = trainer.evaluate()
+    finally:
+        trainer.close()
+    if result is not None and trainer.reporting:
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0

@@ -1,0 +1,81 @@
+"""Step metrics to stdout and TensorBoard, from one rank; timers; the accelerator's peak for MFU."""
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("finevit.train")
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; FINEVIT_PEAK_TFLOPS overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
+               "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+def peak_tflops() -> Optional[float]:
+    if os.environ.get("FINEVIT_PEAK_TFLOPS"):
+        return float(os.environ["FINEVIT_PEAK_TFLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class Timers:
+    """Wall time per named section, summed since the last `pop` (synchronising CUDA first)."""
+
+    def __init__(self):
+        self.totals, self._start = defaultdict(float), {}
+
+    def start(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.totals[name] += time.perf_counter() - self._start.pop(name)
+
+    def pop(self) -> dict:
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+class MetricsLogger:
+    """Writes on the reporting rank only (the last pipeline stage's first TP/DP rank)."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled, self.writer = enabled, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        line = " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        log.info("%s step %d | %s", prefix, step, line)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": prefix, "step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

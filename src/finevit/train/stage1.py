@@ -1,0 +1,119 @@
+"""Stage 1 as a task for the one training loop: what the model is, what a micro-batch feeds it,
+what the loss is, and what a schedule phase changes.
+
+The contrastive batch is one micro-batch across all data-parallel ranks: every DP rank's packed
+micro-batch i is scored against every other rank's micro-batch i (and nothing else). With
+micro_batches_per_step > 1 (gradient accumulation or pipeline micro-batches) a step averages the
+losses of that many separate contrastive groups; config validation says so when it applies.
+"""
+
+from typing import Optional
+
+import torch
+
+from finevit.config import Config
+from finevit.data.packing import PackedBatch
+from finevit.models.siglip import SigLIPChunk, build_siglip
+from finevit.models.vision.flops import encoder_train_flops
+from finevit.train.schedules import ResolvedPhase
+
+
+def unwrap(chunk) -> SigLIPChunk:
+    while not isinstance(chunk, SigLIPChunk):
+        chunk = chunk.module
+    return chunk
+
+
+def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
+    d, f = text.hidden_size, text.ffn_hidden_size
+    per_token = text.num_layers * (2 * 4 * d * d + 2 * 2 * d * f + 4 * length * d)
+    return 3 * (n * length * per_token + 2 * n * d * embed_dim)
+
+
+class Stage1Task:
+    name = "stage1"
+    towers = ("vision", "text")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.max_tokens = cfg.data.max_tokens
+        self.text_len = cfg.data.max_text_len  # the phase's text length (pad target for "last")
+        self.pg = None
+
+    def build(self, pg, parallel=None) -> list:
+        """This rank's chunks; `parallel` overrides cfg.parallel (a canonical TP=1, PP=1 copy)."""
+        if parallel is None:
+            self.pg = pg  # the groups the loss reduces over
+        return build_siglip(self.cfg.model, parallel or self.cfg.parallel, pg, dtype=self.cfg.precision.dtype)
+
+    def lr_mults(self) -> dict:
+        o = self.cfg.optimizer
+        return {"vision": o.vision_lr_mult, "text": o.text_lr_mult}
+
+    # ------------------------------------------------------------------ a step
+
+    def inputs(self, batch: PackedBatch) -> dict:
+        if batch.text_ids is None:
+            raise ValueError("stage 1 needs tokenised captions: set data.tokenizer to a sentencepiece model")
+        return {"pixel_values": batch.pixel_values, "grid_thw": batch.grid_thw,
+                "cu_seqlens": batch.cu_seqlens, "text_ids": batch.text_ids,
+                "text_lengths": batch.text_lengths}
+
+    def forward(self, chunk, mb: dict, collect: Optional[list] = None):
+        """megatron's forward_step: output, and the loss function for the last stage.
+
+        With `collect` (evaluation), the last stage appends (image_emb, text_emb) instead of
+        computing the contrastive loss.
+        """
+        device = next(unwrap(chunk).parameters()).device
+        pixels = mb["pixel_values"].to(device, non_blocking=True) if unwrap(chunk).pre_process else None
+        out = chunk(pixels, mb["grid_thw"], mb["cu_seqlens"], self.max_tokens, mb["text_ids"],
+                    mb["text_lengths"], self.text_len)
+
+        def loss_func(output):
+            images, texts = output
+            if collect is not None:
+                collect.append((images.detach().float().cpu(), texts.detach().float().cpu()))
+                return images.sum() * 0, {}
+            res = unwrap(chunk).loss(images, texts, group=self.pg.dp)
+            # clone: megatron divides the returned loss by the number of micro-batches in place
+            return res.loss, {"loss": res.value.detach().clone(),
+                              "pairs": torch.tensor(float(res.num_pairs))}
+
+        return out, loss_func
+
+    def flops(self, batch: PackedBatch) -> int:
+        m = self.cfg.model
+        text = text_train_flops(m.text, batch.num_images, self.text_len, m.contrastive.embed_dim)
+        return encoder_train_flops(m.vision, batch.grid_thw) + text
+
+    # ------------------------------------------------------------------ phases
+
+    def enter_phase(self, phase: ResolvedPhase, chunks: list, optimizer, loader, state) -> None:
+        """Apply a phase: resolution, text length, frozen towers; stretch text positions."""
+        loader.set_pixel_budget(phase.min_pixels, phase.max_pixels)
+        loader.set_max_text_len(phase.max_text_len)
+        self.text_len = phase.max_text_len
+        for chunk in chunks:
+            unwrap(chunk).text_frozen = phase.freeze_text
+        if state.text_positions == 0:  # a fresh run: the first phase's rows are the trained ones
+            state.text_positions = phase.max_text_len
+        elif phase.max_text_len > state.text_positions:
+            for chunk in chunks:
+                if unwrap(chunk).text is not None:
+                    unwrap(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
+            optimizer.reload_model_params()  # main (fp32) copies must follow the stretched rows
+            state.text_positions = phase.max_text_len
+
+    def extra_metrics(self, chunks: list) -> dict:
+        """The loss's temperature and bias (on the last stage, where the loss lives)."""
+        loss = unwrap(chunks[-1]).loss
+        if loss is None:
+            return {}
+        out = {"temperature": float(loss.logit_scale.detach().exp())}
+        if loss.logit_bias is not None:
+            out["bias"] = float(loss.logit_bias.detach())
+        return out
+
+    def frozen(self, phase: ResolvedPhase) -> set:
+        return {t for t, f in (("text", phase.freeze_text), ("vision", phase.freeze_vision)) if f}

@@ -1,0 +1,60 @@
+"""Everything a run carries from one step to the next, named in one place.
+
+A checkpoint holds the model and optimizer (sharded, megatron dist_checkpointing), the
+`common` dict built here (the TrainState counters, the LR schedule position, every data-parallel
+rank's loader state) and each rank's RNG state (train/checkpoint.py gathers per-rank state). Restoring all of it continues the run exactly
+(same layout) or as closely as the layout allows (other DP size: the loader reshards its epoch;
+RNG states are per rank and are then re-seeded).
+"""
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from finevit.train import checkpoint as ckpt
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps attempted (skipped ones included)
+    consumed_samples: int = 0  # images over all data-parallel ranks
+    phase: int = 0  # index into the resolved progressive schedule
+    # Rows of the text position table trained so far; a phase with longer texts stretches them.
+    text_positions: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradients, over the whole run
+    bad_in_a_row: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order (a collective over `group`)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+def collect_common(state: TrainState, scheduler, loader, dp_rank: int, extra: dict) -> dict:
+    """The checkpoint's plain part. Collective: every rank calls it."""
+    loaders = gather_objects((dp_rank, loader.state_dict()))
+    per_dp = {r: s for r, s in loaders}  # TP/PP peers of one replica hold the same state
+    return {"train": state.to_dict(), "scheduler": scheduler.state_dict(),
+            "loader": [per_dp[r] for r in sorted(per_dp)], **extra}
+
+
+def restore_common(common: dict, scheduler, loader, pg) -> TrainState:
+    """Inverse of collect_common on this rank (any layout); RNG only when the layout is the same."""
+    loader.load_state_dict(common["loader"])
+    scheduler.load_state_dict(common["scheduler"])
+    mine = ckpt.saved_rank_state(common, pg)
+    if mine is not None:
+        ckpt.set_rng_state(mine["rng"])
+    return TrainState.from_dict(common["train"])

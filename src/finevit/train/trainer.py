@@ -1,0 +1,259 @@
+"""The one training loop (stage 1 now, stage 2 later): a task supplies the model, the inputs of a
+micro-batch, the loss and what a schedule phase changes; everything else lives here.
+
+A step: every rank reads `micro_batches_per_step` packed micro-batches from its data-parallel
+shard (TP/PP peers read the same ones), the LR is set for the samples the step completes,
+megatron's schedule runs forward and backward over the pipeline, DDP reduces the gradients, and
+the optimizer steps unless the loss or the gradients are not finite. Decisions that all ranks must
+agree on (skip the step, switch phase, stop for a requeue) come from values every rank computes
+identically or from a collective.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+from typing import Optional
+
+import torch
+
+from finevit.config import Config, to_yaml
+from finevit.config.validate import notes
+from finevit.data import PatchSpec, build_loader
+from finevit.parallel.dist import init_distributed
+from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
+from finevit.parallel.shards import canonical_parameters, load_full_state
+from finevit.train import checkpoint as ckpt
+from finevit.train.forward_backward import forward_backward
+from finevit.train.metrics import MetricsLogger, Timers, peak_tflops
+from finevit.train.optim import build_optimizer, wrap_ddp
+from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
+from finevit.train.state import TrainState, collect_common, restore_common
+from finevit.train.step import group_towers, optimizer_step, restore_group_towers, set_frozen
+
+log = logging.getLogger("finevit.train")
+REQUEUE_FILE = "REQUEUE"  # launch/*.slurm creates it on the pre-timeout signal
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; one sentence (a checkpoint was written first when possible)."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task):
+        self.cfg, self.task = cfg, task
+        self.run_dir = cfg.logging.run_dir
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.state = TrainState()
+        self.timers = Timers()
+        self._signalled = False
+        self._save_hooks: dict = {}  # tests: {"_fail_after_model_save": callable}
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.pg = init_model_parallel(cfg.parallel, cfg.precision.seed)
+        self.chunks = self._build_model()
+        if torch.cuda.is_available():
+            self.chunks = [c.cuda() for c in self.chunks]
+        self.ddp = wrap_ddp(self.chunks, cfg.parallel, self.pg)
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, self.pg,
+                                         self.chunks[0].config.params_dtype, self.task.lr_mults())
+        self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
+        self.phases = resolve_phases(cfg.schedule, cfg.data)
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
+        self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
+                                   self.dp_size, seed=cfg.precision.seed)
+        last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
+        self.reporting = last_stage and self.pg.tp.rank() == 0 and self.dp_rank == 0
+        self.metrics = MetricsLogger(self.run_dir, self.reporting, cfg.logging.tensorboard)
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+            for note in notes(cfg):
+                log.warning(note)
+        self._resume()
+        self._enter_phase(phase_at(self.phases, self.state.consumed_samples)[0], announce=True)
+        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        return self
+
+    def _build_model(self) -> list:
+        """This rank's chunks, initialised as the TP=1, PP=1 model would be: the same seed gives
+        the same weights on every layout (megatron's own init depends on the TP/PP rank)."""
+        seed = self.cfg.precision.seed
+        canonical = None
+        if self.pg.tp.size() > 1 or self.pg.pp.size() > 1:
+            torch.manual_seed(seed)
+            single = dataclasses.replace(self.cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None,
+                                         sequence_parallel=False)
+            full = self.task.build(solo_collection(), single)
+            canonical = {n: p.detach() for c in full for n, p in canonical_parameters(c)}
+        torch.manual_seed(seed)
+        chunks = self.task.build(self.pg)
+        if canonical is not None:
+            load_full_state(chunks, canonical, self.pg.tp.rank(), self.pg.tp.size())
+        return chunks
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
+    def _resume(self) -> None:
+        path = self.cfg.checkpoint.load or ckpt.find_latest(self.ckpt_dir)
+        if path is None:
+            return
+        towers = group_towers(self.optimizer)
+        common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg)
+        restore_group_towers(self.optimizer, towers)
+        self.state = restore_common(common, self.scheduler, self.loader, self.pg)
+        log.info("resumed from %s at step %d (%d samples, phase %d)", path, self.state.step,
+                 self.state.consumed_samples, self.state.phase)
+
+    def _enter_phase(self, index: int, announce: bool = False) -> None:
+        phase = self.phases[index]
+        if index != self.state.phase or announce:
+            log.info("phase %d '%s' from %d samples: %s", index, phase.name, self.state.consumed_samples,
+                     phase_summary(phase))
+        self.task.enter_phase(phase, self.chunks, self.optimizer, self.loader, self.state)
+        self.state.phase = index
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainState:
+        """Train to schedule.train_samples, or until a requeue is requested (checkpoint first)."""
+        cfg, state = self.cfg, self.state
+        pending: list[dict] = []
+        first_step = state.step
+        if cfg.eval.corpora and cfg.eval.at_start:
+            self.evaluate()
+        while state.consumed_samples < cfg.schedule.train_samples:
+            index, _ = phase_at(self.phases, state.consumed_samples)
+            if index != state.phase:
+                self._enter_phase(index)
+            pending.append(self.train_step())
+            if state.step % cfg.logging.log_interval == 0:
+                self._report(pending)
+                pending = []
+            if self._stop_requested() or state.step - first_step == cfg.schedule.stop_after_steps:
+                self.save()
+                log.info("stopping at step %d with a checkpoint; the next launch resumes here", state.step)
+                return state
+            if state.step % cfg.checkpoint.save_interval == 0:
+                self.save()
+            if cfg.eval.corpora and cfg.eval.interval and state.step % cfg.eval.interval == 0:
+                self.evaluate()
+        if pending:
+            self._report(pending)
+        self.save()
+        if cfg.eval.corpora:
+            self.evaluate()
+        return state
+
+    def train_step(self) -> dict:
+        cfg, state, timers = self.cfg, self.state, self.timers
+        timers.start("data")
+        batches = [next(self.loader) for _ in range(cfg.schedule.micro_batches_per_step)]
+        timers.stop("data")
+        counts = torch.tensor([sum(b.num_images for b in batches), sum(b.num_tokens for b in batches),
+                               sum(b.max_tokens for b in batches)], dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=self.pg.dp)  # TP/PP peers hold the same batches
+        images = int(counts[0])
+        lr = self.scheduler.apply(state.consumed_samples, images)
+        set_frozen(self.optimizer, self.task.frozen(self.phases[state.phase]))
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        timers.start("forward_backward")
+        logs = forward_backward(self.ddp, [self.task.inputs(b) for b in batches], self.task.forward,
+                                self.pg, seq_length=cfg.data.max_tokens)
+        timers.stop("forward_backward")
+        loss = self._pipeline_mean(logs, "loss")
+        timers.start("optimizer")
+        result = None
+        if math.isfinite(loss):  # identical on all ranks: the value came from the same all-reduce
+            result = optimizer_step(self.optimizer, cfg.optimizer.clip_grad, list(self.task.towers))
+        timers.stop("optimizer")
+        applied = result is not None and result.applied
+        state.step += 1
+        state.consumed_samples += images
+        state.bad_in_a_row = 0 if applied else state.bad_in_a_row + 1
+        if not applied:
+            state.skipped_steps += 1
+            log.warning("step %d skipped: loss %s, grad norm %s", state.step, loss,
+                        None if result is None else result.grad_norm)
+            if state.bad_in_a_row >= cfg.schedule.max_bad_steps_in_a_row:
+                self.save()
+                raise TrainingError(
+                    f"{state.bad_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                    f"(last at step {state.step}); stopped with a checkpoint in {self.ckpt_dir}: lower "
+                    "optimizer.lr, check the data, or resume from an earlier checkpoint")
+        return {"loss": loss, "lr": lr, "images": images, "tokens": int(counts[1]),
+                "slots": int(counts[2]), "flops": sum(self.task.flops(b) for b in batches),
+                "grad_norm": result.grad_norm if result else float("nan"),
+                "tower_norms": result.tower_norms if result else {}}
+
+    def _pipeline_mean(self, logs: list[dict], key: str) -> float:
+        """Mean of a logged value over the micro-batches, from the last stage to every rank."""
+        value = torch.tensor(0.0, dtype=torch.float64)
+        if logs:
+            value += float(sum(float(d[key]) for d in logs) / len(logs))
+        if torch.cuda.is_available():
+            value = value.cuda()
+        torch.distributed.all_reduce(value, group=self.pg.pp)  # only the last stage is non-zero
+        return float(value)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))))
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ reporting, saving
+
+    def _report(self, steps: list[dict]) -> None:
+        times = self.timers.pop()
+        wall = sum(times.values())
+        slots = sum(s["slots"] for s in steps)
+        metrics = {"loss": steps[-1]["loss"], "lr": steps[-1]["lr"], "grad_norm": steps[-1]["grad_norm"],
+                   **{f"grad_norm_{t}": n for t, n in steps[-1]["tower_norms"].items()},
+                   "images_per_s": sum(s["images"] for s in steps) / wall,
+                   "tokens_per_s": sum(s["tokens"] for s in steps) / wall,
+                   "padding": 1 - sum(s["tokens"] for s in steps) / slots if slots else 0.0,
+                   "samples": self.state.consumed_samples, "phase": self.state.phase,
+                   "skipped_steps": self.state.skipped_steps,
+                   **{f"time_{k}_s": v / len(steps) for k, v in times.items()}}
+        # Model FLOPs of this replica's batches; each of the tp*pp ranks does 1/(tp*pp) of them.
+        per_gpu = sum(s["flops"] for s in steps) / self.dp_size / wall / (self.pg.tp.size() * self.pg.pp.size())
+        metrics["tflops_per_gpu"] = per_gpu / 1e12
+        peak = peak_tflops()
+        if peak:
+            metrics["mfu"] = per_gpu / 1e12 / peak
+        if self.reporting:
+            metrics.update(self.task.extra_metrics(self.chunks))
+        self.metrics.log(self.state.step, metrics)
+
+    def save(self) -> None:
+        extra = {"phase": phase_summary(self.phases[self.state.phase]), "config": to_yaml(self.cfg)}
+        common = collect_common(self.state, self.scheduler, self.loader, self.dp_rank, extra)
+        ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self.ddp, self.optimizer, common, self.pg,
+                             keep_last=self.cfg.checkpoint.keep_last,
+                             rank_state={"rng": ckpt.rng_state()}, **self._save_hooks)
+
+    def evaluate(self) -> Optional[dict]:
+        from finevit.eval.retrieval import evaluate_retrieval
+
+        result = evaluate_retrieval(self.cfg, self.task, self.ddp, self.pg, self.phases[self.state.phase])
+        if result is not None:
+            self.metrics.log(self.state.step, result, prefix="eval")
+        return result
+
+    def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)

@@ -1,0 +1,131 @@
+"""The training loop on one process: exact resume across a phase switch, frozen towers, a crash
+during a checkpoint save, the non-finite loss guard, evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from finevit.train.stage1 import Stage1Task, unwrap
+from finevit.train.trainer import Trainer, TrainingError
+
+from tiny_stage1 import tiny_config
+
+
+def run(cfg, **hooks):
+    trainer = Trainer(cfg, Stage1Task(cfg))
+    trainer._save_hooks.update(hooks)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return {r["step"]: (r["loss"], r["phase"], r["samples"]) for r in rows if r["kind"] == "train"}
+
+
+def tower_params(trainer, tower):
+    return {n: p.detach().clone() for c in trainer.chunks for n, p in unwrap(c).named_parameters()
+            if getattr(p, "finevit_tower", None) == tower}
+
+
+@pytest.fixture
+def make(dist, stage1_corpus, tmp_path):
+    corpus, tokenizer = stage1_corpus
+    return lambda name, **extra: tiny_config(corpus, tokenizer, tmp_path / name, **extra)
+
+
+def test_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve(make, tmp_path):
+    full = run(make("full"))
+    reference = losses(tmp_path / "full")
+    assert full.state.consumed_samples >= 80 and {p for _, p, _ in reference.values()} == {0, 1}
+    first = run(make("split", **{"schedule.stop_after_steps": 3}))
+    assert first.state.step == 3 and first.state.phase == 0  # stopped before the phase switch
+    resumed = run(make("split"))
+    assert resumed.state.step == full.state.step
+    assert losses(tmp_path / "split") == reference  # same losses, phases and samples, bit for bit
+
+
+def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make):
+    phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze_text: true},"
+              " {start_samples: 40, freeze_text: false, max_text_len: 64}]")
+    cfg = make("frozen", **{"schedule.phases": phases, "schedule.stop_after_steps": 3})
+    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
+    try:
+        text0, vision0 = tower_params(trainer, "text"), tower_params(trainer, "vision")
+        trainer.train()
+        assert trainer.state.phase == 0
+        text1, vision1 = tower_params(trainer, "text"), tower_params(trainer, "vision")
+        assert all(torch.equal(text0[n], text1[n]) for n in text0), "a frozen parameter moved"
+        assert any(not torch.equal(vision0[n], vision1[n]) for n in vision0)
+        table = next(unwrap(c).text for c in trainer.chunks).position_embeddings.weight
+        first_row, row_31 = table[0].clone(), table[31].clone()
+        cfg.schedule.stop_after_steps = None
+        trainer.train()
+        assert trainer.state.phase == 1 and trainer.state.text_positions == 64
+        text2 = tower_params(trainer, "text")
+        assert any(not torch.equal(text1[n], text2[n]) for n in text1 if "position" not in n)
+    finally:
+        trainer.close()
+    # the 32 trained position rows were stretched over 64 before training went on
+    assert not torch.equal(row_31, table[63]) or not torch.equal(first_row, table[0])
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_in_use(make, tmp_path):
+    run(make("crash", **{"checkpoint.save_interval": 2, "schedule.stop_after_steps": 2}))
+
+    def crash():
+        raise RuntimeError("simulated crash while writing a checkpoint")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make("crash", **{"checkpoint.save_interval": 2}), _fail_after_model_save=crash)
+    assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    resumed = Trainer(make("crash", **{"schedule.stop_after_steps": 1}), None)
+    resumed.task = Stage1Task(resumed.cfg)
+    resumed.setup()
+    try:
+        assert resumed.state.step == 2
+    finally:
+        resumed.close()
+
+
+def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(make, tmp_path, monkeypatch):
+    cfg = make("nan", **{"schedule.max_bad_steps_in_a_row": 3})
+    task = Stage1Task(cfg)
+    forward = task.forward
+
+    def poisoned(chunk, mb, collect=None):
+        out, loss_func = forward(chunk, mb, collect)
+
+        def nan_loss(output):
+            loss, logs = loss_func(output)
+            return loss * math.nan, {k: v * math.nan for k, v in logs.items()}
+        return out, nan_loss
+
+    monkeypatch.setattr(task, "forward", poisoned)
+    trainer = Trainer(cfg, task).setup()
+    try:
+        before = tower_params(trainer, "vision")
+        with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+            trainer.train()
+        assert trainer.state.skipped_steps == 3
+        after = tower_params(trainer, "vision")
+        assert all(torch.equal(before[n], after[n]) for n in before)
+    finally:
+        trainer.close()
+    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def test_evaluation_reports_recall_on_the_heldout_split(make):
+    cfg = make("eval", **{"schedule.stop_after_steps": 1})
+    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
+    try:
+        result = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert result["pairs"] == 24 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= 1
