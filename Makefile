@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench doctor clean
+.PHONY: install test test-fast bench doctor demo clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,22 @@ doctor: install
 bench: install
 	$(PY) bench/encoder.py
 	$(PY) bench/data_loader.py --images 200
+
+# Stage 1 on this machine: synthetic corpus + tokenizer (kept between runs), then a fresh run
+# with TP=2 on two gloo processes, retrieval on the held-out split before and after.
+DEMO_DIR ?= corpora/demo
+DEMO_RUN ?= runs/demo_cpu
+demo: install
+	test -f $(DEMO_DIR)/recaption/heldout/finevit_corpus.json || $(PY) data_tools/make_demo_corpus.py \
+		--out $(DEMO_DIR) --train 2000 --heldout 200 --schemas recaption --overwrite --quiet
+	test -f $(DEMO_DIR)/caption.model || $(PY) data_tools/train_tokenizer.py $(DEMO_DIR)/recaption/train \
+		--vocab-size 512 --out $(DEMO_DIR)/caption.model --quiet
+	rm -rf $(DEMO_RUN)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m finevit.cli \
+		train configs/stage1/demo_cpu.yaml logging.run_dir=$(DEMO_RUN) \
+		data.corpora='[{path: $(DEMO_DIR)/recaption/train}]' data.tokenizer=$(DEMO_DIR)/caption.model \
+		eval.corpora='[{path: $(DEMO_DIR)/recaption/heldout}]'
+	$(VENV)/bin/finevit report $(DEMO_RUN)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

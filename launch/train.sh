@@ -51,7 +51,7 @@ trap on_usr1 USR1
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-0}" \
-  -m finevit.cli train "$CONFIG" --task "$TASK" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
+  -m finevit.cli train --task "$TASK" "$CONFIG" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
 step=$!
 status=0
 # `wait` returns early when the trap runs; keep waiting until the step itself has ended.

@@ -76,7 +76,21 @@ def add_train_and_eval(sub) -> None:
         p.set_defaults(run=run)
 
 
-COMMANDS = (add_doctor, add_config, add_train_and_eval)
+def _run_report(args: argparse.Namespace) -> int:
+    from finevit.train.metrics import report
+
+    return report(args.run_dir)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="summarise a run: evaluations first and last, the last step",
+                       description="Print a run directory's first and last evaluation and its last "
+                                   "logged training step (from metrics.jsonl).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(run=_run_report)
+
+
+COMMANDS = (add_doctor, add_config, add_train_and_eval, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,17 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve(make, t
     assert losses(tmp_path / "split") == reference  # same losses, phases and samples, bit for bit
 
 
+def test_resume_with_a_changed_learning_rate(make):
+    run(make("relr", **{"schedule.stop_after_steps": 2}))
+    cfg = make("relr", **{"schedule.stop_after_steps": 1, "optimizer.lr": 1e-3, "optimizer.text_lr_mult": 0.5})
+    trainer = run(cfg)
+    assert trainer.state.step == 3
+    groups = [g for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+              for g in o.optimizer.param_groups]
+    assert {g["max_lr"] for g in groups} == {1e-3}
+    assert {g["tower"]: g["lr_mult"] for g in groups} == {"vision": 1.0, "text": 0.5}
+
+
 def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make):
     phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze_text: true},"
               " {start_samples: 40, freeze_text: false, max_text_len: 64}]")

@@ -111,11 +111,15 @@ class AttentionPool(nn.Module):
 
 
 class VisionHead(nn.Module):
-    """MAP pooling of each packed image, then a linear projection to the shared embedding."""
+    """LayerNorm, MAP pooling of each packed image, then a linear projection to the shared
+    embedding. The norm is SigLIP's post-encoder LayerNorm: the Qwen2.5-VL-style encoder has no
+    final norm (its merger brings one), and pooling raw residual-stream states lets their scale
+    drift without bound."""
 
     def __init__(self, width: int, config: ContrastiveConfig, mlp_dim: Optional[int] = None,
                  eps: float = 1e-6):
         super().__init__()
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.pool = AttentionPool(width, config.pool_heads, mlp_dim, eps)
         self.proj = nn.Linear(width, config.embed_dim)
         nn.init.xavier_uniform_(self.proj.weight)
@@ -123,4 +127,4 @@ class VisionHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """hidden [S, width], cu_seqlens [n+1] over real tokens -> [n, embed_dim]."""
-        return self.proj(self.pool(hidden, cu_seqlens))
+        return self.proj(self.pool(self.norm(hidden), cu_seqlens))

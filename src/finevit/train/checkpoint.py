@@ -229,6 +229,11 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
     return final
 
 
+def read_common(path) -> dict:
+    """The trainer's `common` dict of a checkpoint, without loading any tensor shard."""
+    return torch.load(Path(path) / STATE_FILE, weights_only=False)["common"]
+
+
 def read_meta(path) -> dict:
     return json.loads((Path(path) / META_FILE).read_text())
 

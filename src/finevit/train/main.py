@@ -6,6 +6,7 @@ Launch with torchrun or srun (one process per GPU; see launch/); a single proces
 import logging
 import os
 import sys
+from typing import Optional
 
 from finevit.config import Config, ConfigError, load_config, validate
 
@@ -20,10 +21,17 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter at INFO
 
 
-def load(config: str, overrides: list[str]) -> Config:
-    """The validated config, checked against the launcher's world size."""
+def load(config: str, overrides: list[str]) -> Optional[Config]:
+    """The validated config (checked against the launcher's world size), or None after logging
+    one line per problem."""
+    _setup_logging()
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    return validate(load_config(config, overrides), world)
+    try:
+        return validate(load_config(config, overrides), world)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("config: %s", problem)
+        return None
 
 
 def make_task(cfg: Config, name: str):
@@ -35,12 +43,8 @@ def make_task(cfg: Config, name: str):
 
 
 def train(config: str, overrides: list[str], task: str = "stage1") -> int:
-    _setup_logging()
-    try:
-        cfg = load(config, overrides)
-    except ConfigError as e:
-        for problem in e.problems:
-            log.error("config: %s", problem)
+    cfg = load(config, overrides)
+    if cfg is None:
         return 2
     from finevit.train.trainer import Trainer, TrainingError
 
@@ -59,12 +63,8 @@ def train(config: str, overrides: list[str], task: str = "stage1") -> int:
 
 def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
     """Evaluate the latest checkpoint of the run (or checkpoint.load) on eval.corpora."""
-    _setup_logging()
-    try:
-        cfg = load(config, overrides)
-    except ConfigError as e:
-        for problem in e.problems:
-            log.error("config: %s", problem)
+    cfg = load(config, overrides)
+    if cfg is None:
         return 2
     if not cfg.eval.corpora:
         log.error("config: eval.corpora is empty: name the held-out corpora to evaluate on")

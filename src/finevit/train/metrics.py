@@ -79,3 +79,26 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def report(run_dir: str) -> int:
+    """`finevit report`: first vs last evaluation and the last training step of a run."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        print(f"finevit report: {path} does not exist (no step was logged in {run_dir})")
+        return 1
+    rows = [json.loads(line) for line in open(path)]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    train = [r for r in rows if r["kind"] == "train"]
+    if train:
+        t = train[-1]
+        print(f"last step {t['step']}: {t['samples']} samples, loss {t['loss']:.4f}, "
+              f"{t['images_per_s']:.1f} images/s, phase {t['phase']}")
+    if evals:
+        keys = [k for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5") if k in evals[0]]
+        print(f"held-out retrieval ({evals[-1].get('pairs')} pairs, chance R@1 "
+              f"{evals[-1].get('chance_r1', 0):.3f}):")
+        print("  " + "step".rjust(8) + "".join(k.rjust(9) for k in keys))
+        for r in ([evals[0], evals[-1]] if len(evals) > 1 else evals):
+            print("  " + str(r["step"]).rjust(8) + "".join(f"{r[k]:9.3f}" for k in keys))
+    return 0

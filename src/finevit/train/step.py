@@ -37,17 +37,30 @@ def set_frozen(optimizer, frozen: set) -> None:
             group["lr"] = 0.0
 
 
-def group_towers(optimizer) -> list:
-    """The tower tag of every param group, in order (see `restore_group_towers`)."""
-    return [group.get("tower") for _, group in _groups(optimizer)]
+# Group settings the trainer owns: megatron matches a checkpoint's param groups to the live
+# ones by (max_lr, min_lr, lr_mult, wd_mult, ...), then overwrites the live settings with the
+# saved ones. So a resume with a changed LR would not find its groups, and two towers with equal
+# multipliers are indistinguishable (their "tower" tags can swap).
+OWNED = ("tower", "max_lr", "min_lr", "lr_mult")
 
 
-def restore_group_towers(optimizer, towers: list) -> None:
-    """Re-tag the groups after loading a checkpoint: megatron restores each group's settings from
-    the saved group it matches on its own keys (lr, wd multipliers), which cannot tell apart two
-    towers with equal multipliers, so the tags of the groups just built are the ones to trust."""
-    for (_, group), tower in zip(_groups(optimizer), towers):
-        group["tower"] = tower
+def group_settings(optimizer) -> list[dict]:
+    return [{k: group[k] for k in OWNED if k in group} for _, group in _groups(optimizer)]
+
+
+def set_group_settings(optimizer, settings: list[dict]) -> None:
+    for (_, group), values in zip(_groups(optimizer), settings):
+        group.update(values)
+
+
+def saved_group_settings(optimizer, optim_cfg: dict, tower_mults: dict) -> list[dict]:
+    """The settings the live groups had when a checkpoint was written with `optim_cfg` (the
+    saved config's optimizer section) and per-tower LR multipliers `tower_mults`."""
+    out = []
+    for values in group_settings(optimizer):
+        out.append({**values, "max_lr": optim_cfg["lr"], "min_lr": optim_cfg["min_lr"],
+                    "lr_mult": tower_mults.get(values.get("tower"), values.get("lr_mult", 1.0))})
+    return out
 
 
 @dataclass

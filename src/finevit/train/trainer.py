@@ -17,6 +17,7 @@ import signal
 from typing import Optional
 
 import torch
+import yaml
 
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
@@ -30,7 +31,7 @@ from finevit.train.metrics import MetricsLogger, Timers, peak_tflops
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
 from finevit.train.state import TrainState, collect_common, restore_common
-from finevit.train.step import group_towers, optimizer_step, restore_group_towers, set_frozen
+from finevit.train.step import group_settings, optimizer_step, saved_group_settings, set_frozen, set_group_settings
 
 log = logging.getLogger("finevit.train")
 REQUEUE_FILE = "REQUEUE"  # launch/*.slurm creates it on the pre-timeout signal
@@ -105,9 +106,15 @@ class Trainer:
         path = self.cfg.checkpoint.load or ckpt.find_latest(self.ckpt_dir)
         if path is None:
             return
-        towers = group_towers(self.optimizer)
+        # Match the checkpoint's param groups under the settings it was saved with, then put
+        # this run's settings (a changed LR or multiplier is allowed) back.
+        current = group_settings(self.optimizer)
+        saved = yaml.safe_load(ckpt.read_common(path).get("config", "{}")).get("optimizer", {})
+        if "lr" in saved:
+            mults = {t: saved.get(f"{t}_lr_mult", 1.0) for t in self.task.towers}
+            set_group_settings(self.optimizer, saved_group_settings(self.optimizer, saved, mults))
         common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg)
-        restore_group_towers(self.optimizer, towers)
+        set_group_settings(self.optimizer, current)
         self.state = restore_common(common, self.scheduler, self.loader, self.pg)
         log.info("resumed from %s at step %d (%d samples, phase %d)", path, self.state.step,
                  self.state.consumed_samples, self.state.phase)

@@ -4,7 +4,7 @@ import os
 
 from finevit.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "stage1", "demo_cpu.yaml")
 
 

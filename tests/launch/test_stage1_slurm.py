@@ -1,0 +1,81 @@
+"""`sbatch launch/stage1.slurm` on a real single-node SLURM cluster (slurm-wlm + munge, started
+in a temporary directory): a job succeeds; a job sent the pre-timeout signal checkpoints,
+requeues itself, resumes and ends on the uninterrupted job's final step and loss."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from local_slurm import LocalSlurm, available
+from tiny_stage1 import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow
+SCRIPT = os.path.join(ROOT, "launch", "stage1.slurm")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {why}")
+        pytest.skip(why)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def job(slurm, stage1_corpus, run_dir: Path) -> subprocess.Popen:
+    corpus, tokenizer = stage1_corpus
+    overrides = tiny_overrides(corpus, tokenizer, run_dir, **{
+        "schedule.train_samples": 160, "checkpoint.save_interval": 1000,
+        "parallel.tensor": 2, "model.text.vocab_size": 384})
+    env = {**os.environ, **slurm.env, "CONFIG": "configs/stage1/demo_cpu.yaml", "GPUS_PER_NODE": "2",
+           "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", "--cpus-per-task=2",
+           f"--output={run_dir}.out", SCRIPT, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def finish(proc: subprocess.Popen, run_dir: Path) -> None:
+    out, err = proc.communicate(timeout=600)
+    log = Path(f"{run_dir}.out")
+    assert proc.returncode == 0, f"sbatch exited {proc.returncode}: {err}\n{log.read_text()[-4000:] if log.exists() else ''}"
+
+
+def test_requeued_job_resumes_and_matches_the_uninterrupted_job(slurm, stage1_corpus, tmp_path):
+    plain = job(slurm, stage1_corpus, tmp_path / "plain")
+    finish(plain, tmp_path / "plain")
+    reference = train_rows(tmp_path / "plain")
+    assert reference and reference[-1]["samples"] >= 160
+
+    requeued = job(slurm, stage1_corpus, tmp_path / "requeued")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(train_rows(tmp_path / "requeued")) < 3:
+        assert requeued.poll() is None, "the job ended before it could be signalled"
+        time.sleep(0.5)
+    job_id = slurm.scontrol("show", "job", "-o").split("JobId=")[-1].split()[0]
+    # What --signal=B:USR1@<s> does shortly before the time limit, now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, check=True)
+    finish(requeued, tmp_path / "requeued")
+    out = Path(f"{tmp_path / 'requeued'}.out").read_text()
+    assert "requeueing job" in out and "restart 1" in out and "resumed from" in out, out[-3000:]
+    rows = train_rows(tmp_path / "requeued")
+    final = {r["step"]: r for r in rows}
+    assert rows[-1]["step"] == reference[-1]["step"]
+    for r in reference:
+        assert final[r["step"]]["loss"] == r["loss"], f"step {r['step']}"
