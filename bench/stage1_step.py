@@ -78,6 +78,25 @@ def loss_memory(local: int = 256, dim: int = 1152, ranks=(1, 4, 16, 64), chunk: 
         print(f"{row[0]:>6} {row[1]:>7} {row[2]:>9.1f} {row[3]:>15.1f} {row[4]:>12.1f}", flush=True)
 
 
+def time_loss(cfg, n: int, reps: int = 20) -> float:
+    """ms of the contrastive loss's forward+backward on n pairs of embeddings (one rank)."""
+    from finevit.models.contrastive import ContrastiveLoss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loss = ContrastiveLoss(cfg.model.contrastive).to(device)
+    x = torch.randn(n, cfg.model.contrastive.embed_dim, device=device, requires_grad=True)
+    y = torch.randn(n, cfg.model.contrastive.embed_dim, device=device, requires_grad=True)
+    for i in range(reps + 2):
+        if i == 2:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        loss(x, y).loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def step_split(steps: int, preset: str, budget: int) -> None:
     from finevit.config import load_config
     from finevit.data.demo import write_demo_corpus
@@ -119,6 +138,9 @@ def step_split(steps: int, preset: str, budget: int) -> None:
           f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, {steps} steps")
     for k, v in times.items():
         print(f"  {k:>18}: {v / steps * 1e3:9.1f} ms/step  ({v / wall:5.1%})")
+    loss_ms = time_loss(cfg, max(1, images // steps))
+    print(f"  {'of which loss':>18}: {loss_ms:9.1f} ms/step  ({loss_ms / 1e3 * steps / times['forward_backward']:5.1%} "
+          "of forward_backward, timed alone on the step's embeddings)")
     print(f"  {'images/s':>18}: {images / wall:9.1f}")
     print(f"  {'model TFLOP/s':>18}: {flops / wall / 1e12:9.3f}")
     if cuda:
