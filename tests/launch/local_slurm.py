@@ -53,7 +53,7 @@ class LocalSlurm:
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
             f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
-            f"AuthType=auth/munge", f"AuthInfo=socket={r}/munge/munge.socket.2,cred_expire=10",
+            "AuthType=auth/munge", f"AuthInfo=socket={r}/munge/munge.socket.2,cred_expire=10",
             "CredType=cred/munge", "MinJobAge=4", "ReturnToService=2", "MpiDefault=none",
             "SchedulerType=sched/backfill", "KillWait=5", "InactiveLimit=0",
             f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",

@@ -31,7 +31,6 @@ from collections import Counter, deque
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finevit.config.data import DataConfig

@@ -7,22 +7,18 @@ uses megatron's tensor-parallel linears, torch's LayerNorm and SDPA. Attention t
 key-padding mask, needed only by "eos" pooling ("last" pooling is SigLIP's: no mask at all).
 """
 
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from finevit.models.layers import transformer_layer_spec
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -55,33 +51,12 @@ class MaskedSDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)  # [b, h, s, d] -> [s, b, h*d]
 
 
-def _layer(norm, qkv, core_attention, proj, fc1, fc2, mask_type: AttnMaskType) -> ModuleSpec:
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=qkv, core_attention=core_attention, linear_proj=proj,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=partial(MLP.as_mlp_submodule,
-                        submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
-
-
 def text_block_spec(use_te: bool, num_layers: int, masked: bool) -> TransformerBlockSubmodules:
     """All layers of the tower and the final LayerNorm. masked=True ("eos" pooling) makes the
     attention take a key-padding mask; TE needs to know at build time (its "padding" type)."""
     mask_type = AttnMaskType.padding if masked else AttnMaskType.no_mask
     if not use_te:
-        layer = _layer(LayerNorm, ColumnParallelLinear, MaskedSDPAttention, RowParallelLinear,
+        layer = transformer_layer_spec(LayerNorm, ColumnParallelLinear, MaskedSDPAttention, RowParallelLinear,
                        ColumnParallelLinear, RowParallelLinear, mask_type)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=LayerNorm)
     from megatron.core.extensions.transformer_engine import (
@@ -92,7 +67,7 @@ def text_block_spec(use_te: bool, num_layers: int, masked: bool) -> TransformerB
     )
 
     # TE fuses each norm into the linear that follows it, so the layer's own norms are identities.
-    layer = _layer(IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention,
+    layer = transformer_layer_spec(IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention,
                    TERowParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear,
                    mask_type)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from finevit.config import VisionConfig
 from finevit.models.norm import RMSNorm
-from finevit.models.packing import VisionPackedSeqParams, make_packed_seq_params
+from finevit.models.packing import make_packed_seq_params
 from finevit.models.vision.config import VisionTransformerConfig
 from finevit.models.vision.rope import patch_positions, rotary_freqs, segment_bounds, window_layout
 
