@@ -9,6 +9,7 @@ SLURM_LOCALID and the first host of SLURM_NODELIST. torchrun's variables win whe
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -69,7 +70,16 @@ def dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             master_port=port,
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+    # A lone process needs a port only for its own store: any free one, so that two single-process
+    # runs (a training and an evaluation, two tests) on one machine do not collide.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(backend: str = "auto", timeout_s: int = 600,
