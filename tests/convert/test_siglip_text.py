@@ -21,25 +21,13 @@ from finevit.convert.siglip_text import (
     text_tower_state,
 )
 from finevit.convert.qwen2_5_vl import strip_extra_state
+from unit_scale import randomize_
 
 TOL = 1e-5  # fp32
 TEXT = TextConfig(vocab_size=96, max_positions=12, num_layers=2, hidden_size=32, num_heads=4,
                   ffn_hidden_size=48, pad_id=1)
 EMBED = 24
 FLAVORS = pytest.mark.parametrize("siglip2", [False, True], ids=["siglip", "siglip2"])
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random at unit activation scale (norm weights around 1, biases around 0),
-    so attention is far from uniform and a mixed-up head or q/k/v shows far above TOL."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() == 1:
-                p.copy_(("norm" in name and name.endswith("weight")) + 0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
 
 
 def hf_text(siglip2: bool, positions: int = TEXT.max_positions, seed: int = 0):

@@ -13,6 +13,7 @@ import torch
 from finevit.config import ParallelConfig, TextConfig
 from finevit.models.text.build import build_text_encoder
 from finevit.parallel.shards import canonical_parameters, load_full_state, local_shard
+from unit_scale import randomize_
 
 TEXT = TextConfig(vocab_size=64, max_positions=16, num_layers=2, hidden_size=32, num_heads=4,
                   ffn_hidden_size=48)
@@ -30,19 +31,6 @@ def batch(seed: int = 0):
     return ids, torch.tensor(LENGTHS), target
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module) -> None:
-    """Unit-scale weights (megatron's std 0.02 leaves attention almost uniform, which would hide
-    a head split wrongly between the ranks)."""
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if p.dim() == 1:
-            p.copy_(("norm" in name and name.endswith("weight")) + 0.1 * noise)
-        else:
-            p.copy_(noise / p[0].numel() ** 0.5)
-
-
 def run(model, pooling):
     """Output and the loss's gradients (through every parameter) for one batch."""
     ids, lengths, target = batch()
@@ -56,7 +44,7 @@ def test_tp2_equals_tp1(parallel_groups, solo_groups, pooling):
     text = dataclasses.replace(TEXT, pooling=pooling)
     torch.manual_seed(0)
     ref = build_text_encoder(text, EMBED, ParallelConfig(), solo_groups, use_te=False)
-    randomize_(ref)
+    randomize_(ref, seed=1)
     full = {name: p.detach().clone() for name, p in canonical_parameters(ref)}
     ref_out = run(ref, pooling)
     ref_grads = {name: p.grad for name, p in canonical_parameters(ref)}

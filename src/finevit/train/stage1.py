@@ -10,18 +10,13 @@ losses of that many separate contrastive groups; config validation says so when 
 from typing import Optional
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
 from finevit.data.packing import PackedBatch
-from finevit.models.siglip import SigLIPChunk, build_siglip
+from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
 from finevit.train.schedules import ResolvedPhase
-
-
-def unwrap(chunk) -> SigLIPChunk:
-    while not isinstance(chunk, SigLIPChunk):
-        chunk = chunk.module
-    return chunk
 
 
 def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
@@ -65,8 +60,8 @@ class Stage1Task:
         With `collect` (evaluation), the last stage appends (image_emb, text_emb) instead of
         computing the contrastive loss.
         """
-        device = next(unwrap(chunk).parameters()).device
-        pixels = mb["pixel_values"].to(device, non_blocking=True) if unwrap(chunk).pre_process else None
+        device = next(unwrap_model(chunk).parameters()).device
+        pixels = mb["pixel_values"].to(device, non_blocking=True) if unwrap_model(chunk).pre_process else None
         out = chunk(pixels, mb["grid_thw"], mb["cu_seqlens"], self.max_tokens, mb["text_ids"],
                     mb["text_lengths"], self.text_len)
 
@@ -75,7 +70,7 @@ class Stage1Task:
             if collect is not None:
                 collect.append((images.detach().float().cpu(), texts.detach().float().cpu()))
                 return images.sum() * 0, {}
-            res = unwrap(chunk).loss(images, texts, group=self.pg.dp)
+            res = unwrap_model(chunk).loss(images, texts, group=self.pg.dp)
             # clone: megatron divides the returned loss by the number of micro-batches in place
             return res.loss, {"loss": res.value.detach().clone(),
                               "pairs": torch.tensor(float(res.num_pairs))}
@@ -95,19 +90,19 @@ class Stage1Task:
         loader.set_max_text_len(phase.max_text_len)
         self.text_len = phase.max_text_len
         for chunk in chunks:
-            unwrap(chunk).text_frozen = phase.freeze_text
+            unwrap_model(chunk).text_frozen = phase.freeze_text
         if state.text_positions == 0:  # a fresh run: the first phase's rows are the trained ones
             state.text_positions = phase.max_text_len
         elif phase.max_text_len > state.text_positions:
             for chunk in chunks:
-                if unwrap(chunk).text is not None:
-                    unwrap(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
+                if unwrap_model(chunk).text is not None:
+                    unwrap_model(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
             optimizer.reload_model_params()  # main (fp32) copies must follow the stretched rows
             state.text_positions = phase.max_text_len
 
     def extra_metrics(self, chunks: list) -> dict:
         """The loss's temperature and bias (on the last stage, where the loss lives)."""
-        loss = unwrap(chunks[-1]).loss
+        loss = unwrap_model(chunks[-1]).loss
         if loss is None:
             return {}
         out = {"temperature": float(loss.logit_scale.detach().exp())}
