@@ -29,19 +29,20 @@ bench: install
 	$(PY) bench/data_loader.py --images 200
 
 # Stage 1 on this machine: synthetic corpus + tokenizer (kept between runs), then a fresh run
-# with TP=2 on two gloo processes, retrieval on the held-out split before and after.
+# with TP=2 on two gloo processes; held-out retrieval and zero-shot classification of single
+# shapes (32 colour x kind classes) before and after.
 DEMO_DIR ?= corpora/demo
 DEMO_RUN ?= runs/demo_cpu
 demo: install
-	test -f $(DEMO_DIR)/recaption/heldout/finevit_corpus.json || $(PY) data_tools/make_demo_corpus.py \
-		--out $(DEMO_DIR) --train 2000 --heldout 200 --schemas recaption --overwrite --quiet
+	test -f $(DEMO_DIR)/classify/heldout/finevit_corpus.json || $(PY) data_tools/make_demo_corpus.py \
+		--out $(DEMO_DIR) --train 2000 --heldout 200 --schemas recaption classify --overwrite --quiet
 	test -f $(DEMO_DIR)/caption.model || $(PY) data_tools/train_tokenizer.py $(DEMO_DIR)/recaption/train \
 		--vocab-size 512 --out $(DEMO_DIR)/caption.model --quiet
 	rm -rf $(DEMO_RUN)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m finevit.cli \
 		train configs/stage1/demo_cpu.yaml logging.run_dir=$(DEMO_RUN) \
 		data.corpora='[{path: $(DEMO_DIR)/recaption/train}]' data.tokenizer=$(DEMO_DIR)/caption.model \
-		eval.corpora='[{path: $(DEMO_DIR)/recaption/heldout}]'
+		eval.corpora='[{path: $(DEMO_DIR)/recaption/heldout}, {path: $(DEMO_DIR)/classify/heldout, name: shapes}]'
 	$(VENV)/bin/finevit report $(DEMO_RUN)
 
 clean:

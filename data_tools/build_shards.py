@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build a finevit corpus (MDS shards of the recaption or finecap schema) from raw inputs.
+"""Build a finevit corpus (MDS shards of the recaption, finecap or classify schema) from raw inputs.
 
 Inputs are JSONL manifests, webdataset tars or parquet files (format from the extension, or
 --format). Every record is validated; rejected ones go to OUT/rejected.jsonl with their reason and
@@ -7,9 +7,11 @@ never stop the build. Interrupted builds resume when rerun with the same argumen
 Exit status: 0 when the corpus is complete (rejected records included), 1 when a part of the input
 could not be read or nothing was written, 2 on bad arguments.
 
-Example:
+Examples:
   python data_tools/build_shards.py --schema finecap --out corpora/finecap/train \\
       --workers 8 --paper-filters manifests/*.jsonl
+  python data_tools/build_shards.py --schema classify --classes classes.txt \\
+      --templates templates.txt --out corpora/imagenet/val val.parquet
 """
 
 import argparse
@@ -22,7 +24,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="JSONL / .tar / .parquet input files")
     p.add_argument("--out", required=True, help="output corpus directory")
-    p.add_argument("--schema", required=True, choices=("recaption", "finecap"))
+    p.add_argument("--schema", required=True, choices=("recaption", "finecap", "classify"))
+    p.add_argument("--classes", help="classify: text file with one class name per line (label i = line i)")
+    p.add_argument("--templates", help="classify: text file with one prompt template per line, each with "
+                   "one {} for the class name (default at evaluation: eval.templates)")
     p.add_argument("--format", choices=("jsonl", "wds", "parquet"), help="input format (default: by extension)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--records-per-part", type=int, default=5000,
@@ -38,7 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1 or args.records_per_part < 1:
         p.error("--workers and --records-per-part must be positive")
+    if (args.schema == "classify") != (args.classes is not None):
+        p.error("--classes is required with --schema classify and only there")
+    if args.templates and args.schema != "classify":
+        p.error("--templates applies to --schema classify only")
     return args
+
+
+def read_lines(path: str) -> list[str]:
+    """The non-empty lines of a text file, stripped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def main(argv=None) -> int:
@@ -48,8 +63,15 @@ def main(argv=None) -> int:
 
     limits = Limits(min_side=args.min_side, max_caption_chars=args.max_caption_chars,
                     paper_filters=args.paper_filters)
+    try:
+        classes = read_lines(args.classes) if args.classes else []
+        templates = read_lines(args.templates) if args.templates else None
+    except OSError as e:
+        print(f"build_shards: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     opts = BuildOptions(schema=args.schema, limits=limits, records_per_part=args.records_per_part,
-                        size_limit=args.shard_size, image_column=args.image_column)
+                        size_limit=args.shard_size, image_column=args.image_column,
+                        classes=classes, templates=templates)
     bar = tqdm(total=0, unit="part", disable=args.quiet, dynamic_ncols=True)
     totals = {"ok": 0, "rejected": 0}
 

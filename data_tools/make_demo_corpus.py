@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write the deterministic synthetic demo corpus: OUT/{recaption,finecap}/{train,heldout}.
+"""Write the deterministic synthetic demo corpus: OUT/{recaption,finecap}/{train,heldout} and,
+with --schemas classify, OUT/classify/heldout (single shapes labelled colour x kind).
 
 Procedurally drawn scenes (shapes, colours, sizes, positions, rendered words and document pages)
 at varied aspect ratios and resolutions, with exact long captions, region captions and OCR boxes
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=1000, help="training samples per schema (default 1000)")
     p.add_argument("--heldout", type=int, default=100, help="held-out samples per schema (default 100)")
-    p.add_argument("--schemas", nargs="+", default=["recaption", "finecap"], choices=("recaption", "finecap"))
+    p.add_argument("--schemas", nargs="+", default=["recaption", "finecap"], choices=("recaption", "finecap", "classify"))
     p.add_argument("--shard-size", default="16mb", help="MDS shard size limit (default 16mb)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     from finevit.data.demo import write_demo_corpus
 
     t0 = time.time()
-    total = (args.train + args.heldout) * len(args.schemas)
+    total = sum(args.heldout + (args.train if s != "classify" else 0) for s in args.schemas)
     with tqdm(total=total, unit="img", disable=args.quiet, dynamic_ncols=True) as bar:
         try:
             paths = write_demo_corpus(args.out, args.seed, args.train, args.heldout, tuple(args.schemas),

@@ -67,7 +67,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 def add_train_and_eval(sub) -> None:
     for verb, run, text in (
             ("train", _run_train, "train (resuming from the run directory's latest checkpoint if any)"),
-            ("eval", _run_eval, "zero-shot retrieval of the run's latest checkpoint on eval.corpora")):
+            ("eval", _run_eval, "zero-shot retrieval / classification of the run's latest checkpoint "
+                                 "on eval.corpora")):
         p = sub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}. Launch under "
                            "torchrun or srun for several processes; see launch/.")
         p.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/stage1/demo_cpu.yaml")

@@ -78,6 +78,10 @@ CASES = [
      "schedule.wsd_decay_fraction=0.0 must lie in (0, 1]"),
     (["precision.dtype=fp8"], None, "precision.dtype='fp8' is not one of bf16, fp16, fp32"),
     (["checkpoint.keep_last=0"], None, "checkpoint.keep_last=0 must be a positive integer"),
+    (["checkpoint.optimizer_format=torch"], None,
+     "checkpoint.optimizer_format='torch' is not one of fully_reshardable, dp_reshardable"),
+    (["eval.templates=[a photo]"], None,
+     "eval.templates=['a photo'] must be a non-empty list of prompts, each with one {} for the class name"),
 ]
 
 

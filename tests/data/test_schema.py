@@ -27,10 +27,25 @@ def fine(**kw):
     return rec
 
 
-def reason(schema, rec, limits=None):
+def labelled(**kw):
+    rec = {"id": "c", "image": image_bytes(), "label": 2}
+    rec.update(kw)
+    return rec
+
+
+def reason(schema, rec, limits=None, classes=None):
     with pytest.raises(RecordError) as e:
-        validate_record(schema, rec, limits)
+        validate_record(schema, rec, limits, classes)
     return e.value.reason
+
+
+def test_classify_labels_are_indices_or_class_names():
+    classes = ["cat", "dog", "owl"]
+    assert validate_record("classify", labelled(), classes=classes)["label"] == 2
+    assert validate_record("classify", labelled(label="dog"), classes=classes)["label"] == 1
+    assert validate_record("classify", labelled(label=7))["label"] == 7  # classes unknown: any index
+    for bad in (3, -1, "fox", True, 1.0, None):
+        assert reason("classify", labelled(label=bad), classes=classes) == "bad_label"
 
 
 def test_valid_records_are_normalised():

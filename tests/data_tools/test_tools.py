@@ -91,3 +91,28 @@ def test_stats_table_and_png(demo, tmp_path, capsys):
     assert all(f"regions {k}" in rows for k in ("local", "ocr", "doc_ocr"))
     assert png.stat().st_size > 1000
     assert tool("stats")([str(tmp_path)]) == 1
+
+
+def test_build_shards_classify_corpus_carries_its_classes(tmp_path, capsys):
+    from finevit.data.corpus import open_corpus
+    from finevit.data.demo import CLASSES, demo_record
+    lines = []
+    for i in range(3):
+        rec = demo_record(0, "classify", "heldout", i)[0]
+        (tmp_path / f"{i}.png").write_bytes(rec.pop("image"))
+        lines.append({**rec, "image": f"{i}.png"})
+    lines[1]["label"] = CLASSES[lines[1]["label"]]  # by name
+    lines[2]["label"] = len(CLASSES)  # no such class
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (tmp_path / "templates.txt").write_text("a {} shape\n")
+    args = [str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "c"), "--schema", "classify", "--quiet"]
+    with pytest.raises(SystemExit):  # the class names are required
+        tool("build_shards")(args)
+    assert "--classes is required" in capsys.readouterr().err
+    args += ["--classes", str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt")]
+    assert tool("build_shards")(args) == 0
+    assert "bad_label" in capsys.readouterr().out
+    with open_corpus(str(tmp_path / "c")) as corpus:
+        assert corpus.manifest["classes"] == list(CLASSES) and corpus.manifest["templates"] == ["a {} shape"]
+        assert [int(corpus[i]["label"]) for i in range(len(corpus))] == [lines[0]["label"], CLASSES.index(lines[1]["label"])]

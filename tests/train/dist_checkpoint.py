@@ -194,6 +194,27 @@ def test_optimizer_and_weights_reshard_tp2pp2_to_tp1pp1(parallel_groups, shared_
     assert_same(full_weights(chunks, pg), reference, atol=1e-6)
 
 
+def test_dp_reshardable_optimizer_state_resumes_exactly_and_only_in_its_layout(parallel_groups, shared_dir):
+    pg, chunks, optimizer = build(parallel_groups, tp=2, pp=1)  # DP=2: each rank owns a slice
+    train_step(chunks, optimizer, pg, seed=1 + pg.dp.rank())
+    path = save_checkpoint(shared_dir, 1, chunks, optimizer, {}, pg, optimizer_format="dp_reshardable")
+    saved = full_weights(chunks, pg)
+    train_step(chunks, optimizer, pg, seed=2 + pg.dp.rank())
+    reference = full_weights(chunks, pg)
+
+    pg, chunks, optimizer = build(parallel_groups, tp=2, pp=1, seed=7)
+    load_checkpoint(path, chunks, optimizer, pg)
+    train_step(chunks, optimizer, pg, seed=2 + pg.dp.rank())
+    assert_same(full_weights(chunks, pg), reference)  # moments and main weights restored exactly
+
+    pg, chunks, optimizer = build(parallel_groups, tp=1, pp=2, seed=7)
+    with pytest.raises(ValueError, match="dp_reshardable optimizer state, which loads only into the "
+                                         "layout that saved it \\(tensor=2, pipeline=1"):
+        load_checkpoint(path, chunks, optimizer, pg)
+    load_checkpoint(path, chunks, optimizer, pg, load_optimizer=False)  # weights load anywhere
+    assert_same(full_weights(chunks, pg), saved)
+
+
 def test_weights_only_from_virtual_pipeline_into_tp2_bf16(parallel_groups, shared_dir):
     pg, chunks, optimizer = build(parallel_groups, tp=1, pp=2, vpp=2, bf16=True)  # model0, model1
     path = save_checkpoint(shared_dir, 5, chunks, optimizer, {}, pg)

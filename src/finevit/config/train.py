@@ -75,13 +75,20 @@ class CheckpointConfig:
     save_interval: int = 1000  # steps
     keep_last: int = 3
     load: Optional[str] = None  # explicit checkpoint to start from (else resume from dir if present)
+    # Distributed-optimizer state on disk: "fully_reshardable" loads into any TP / PP layout but
+    # all-gathers each model shard's state over DP while saving; "dp_reshardable" saves each
+    # rank's slice with no communication and loads only into the same TP / PP layout.
+    optimizer_format: str = "fully_reshardable"
 
 
 @dataclass
 class EvalConfig:
-    """Zero-shot evaluation on held-out corpora (long captions): image<->text recall@1/5."""
+    """Zero-shot evaluation on held-out corpora: image<->text recall@1/5 on captioned ones (long
+    captions), top-1/5 classification accuracy on labelled ones (schema classify)."""
 
     corpora: list[CorpusConfig] = field(default_factory=list)  # read once per evaluation
+    # Prompts for a classify corpus whose manifest brings none; "{}" is the class name.
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     interval: int = 0  # steps between evaluations during training (0: only at the end)
     at_start: bool = False  # also evaluate the untrained (or just resumed) model first
     max_samples: Optional[int] = None  # cap per evaluation (default: the whole held-out split)

@@ -15,6 +15,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 BACKENDS = ("auto", "nccl", "gloo")
 OPTIMIZERS = ("adam", "sgd")  # megatron-core's names
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # train/checkpoint.py
 VISION_SIZES = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "patch_size",
                 "temporal_patch_size", "in_channels", "spatial_merge_size", "out_hidden_size")
 
@@ -214,9 +215,14 @@ def _schedule(cfg: Config) -> list[str]:
 def _runtime(cfg: Config) -> list[str]:
     out = _one_of("precision.dtype", cfg.precision.dtype, DTYPES)
     out += _positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
+    out += _one_of("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
     out += _positive("logging", cfg.logging, ("log_interval",))
     if not cfg.logging.run_dir:
         out.append("logging.run_dir is empty")
+    templates = cfg.eval.templates
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        out.append(f"eval.templates={templates!r} must be a non-empty list of prompts, each with one {{}} "
+                   f"for the class name")
     return out
 
 

@@ -15,7 +15,7 @@ reports it, finishes the other parts and can be resumed once the input is fixed.
 Raw record fields (JSONL object, webdataset .json member, parquet row): `id`, the image (JSONL:
 `image` = a path relative to the manifest or absolute, or `image_b64`; webdataset: the .jpg /
 .jpeg / .png / .webp member; parquet: the image column, bytes or {bytes: ...}), and the schema's
-fields (`captions` or `caption`, `source`; `global_caption`, `regions`). A webdataset .txt member
+fields (`captions` or `caption`, `source`; `global_caption`, `regions`; `label`). A webdataset .txt member
 is a caption; a missing id defaults to the webdataset key.
 """
 
@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from finevit.data.corpus import INDEX, MANIFEST, merge_part_indexes, write_manifest
+from finevit.data.corpus import INDEX, MANIFEST, CorpusError, check_class_names, merge_part_indexes, write_manifest
 from finevit.data.schema import Limits, RecordError, columns, validate_record
 
 FORMATS = ("jsonl", "wds", "parquet")
@@ -70,6 +70,10 @@ class BuildOptions:
     records_per_part: int = 5000  # JSONL lines per part (tars and row groups are parts already)
     size_limit: str = "64mb"  # MDS shard size
     image_column: str = "image"  # parquet
+    # classify schema: the class names (a record's label is an index or one of these names) and
+    # optional prompt templates, both written to the manifest
+    classes: list = field(default_factory=list)
+    templates: Optional[list] = None
 
 
 @dataclass
@@ -271,7 +275,8 @@ def build_part(part: Part, part_dir: str, opts: BuildOptions) -> PartResult:
                 try:
                     if isinstance(raw, RecordError):
                         raise raw
-                    rec = validate_record(opts.schema, raw, opts.limits)
+                    rec = validate_record(opts.schema, raw, opts.limits,
+                                          opts.classes if opts.schema == "classify" else None)
                     if rec["id"] in seen:
                         raise RecordError("duplicate_id", f"id {rec['id']!r} occurs earlier in this part")
                 except RecordError as e:
@@ -352,6 +357,11 @@ def build_corpus(inputs: Sequence[str], out: str, opts: BuildOptions, fmt: Optio
         raise BuildError(f"input files not found: {', '.join(missing)}")
     if not inputs:
         raise BuildError("no input files given")
+    if opts.schema == "classify":
+        try:
+            check_class_names(opts.classes, opts.templates, "a classify corpus")
+        except CorpusError as e:
+            raise BuildError(str(e)) from None
     _prepare_out(out, _build_state(inputs, fmt, opts), overwrite)
     parts = plan_parts(inputs, fmt, opts.records_per_part)
     done = {p.index: r for p in parts if (r := _load_done(_part_dir(out, p))) is not None}
@@ -370,7 +380,7 @@ def build_corpus(inputs: Sequence[str], out: str, opts: BuildOptions, fmt: Optio
         summary.written += result.written
         summary.rejected.update(result.rejected)
     if not summary.failed:
-        _finalize(out, opts.schema, parts, summary)
+        _finalize(out, opts, parts, summary)
     summary.seconds = time.time() - t0
     return summary
 
@@ -387,7 +397,8 @@ def _run_parts(todo: list[Part], out: str, opts: BuildOptions, workers: int) -> 
             yield fut.result()
 
 
-def _finalize(out: str, schema: str, parts: list[Part], summary: BuildSummary) -> None:
+def _finalize(out: str, opts: BuildOptions, parts: list[Part], summary: BuildSummary) -> None:
+    schema = opts.schema
     dirs = [_part_dir(out, p) for p in parts]
     with_samples = [d for d in dirs if os.path.exists(os.path.join(d, INDEX)) and _has_shards(d)]
     total = merge_part_indexes(out, with_samples)
@@ -400,7 +411,12 @@ def _finalize(out: str, schema: str, parts: list[Part], summary: BuildSummary) -
     hashes = np.concatenate([np.load(os.path.join(d, "ids.npy")) for d in dirs] or [np.zeros(0, np.uint64)])
     _, counts = np.unique(hashes, return_counts=True)
     summary.duplicate_ids = int((counts > 1).sum())
-    write_manifest(out, schema, total)
+    extra = {}
+    if schema == "classify":
+        extra = {"classes": list(opts.classes)}
+        if opts.templates:
+            extra["templates"] = list(opts.templates)
+    write_manifest(out, schema, total, **extra)
 
 
 def _has_shards(part_dir: str) -> bool:

@@ -6,6 +6,10 @@ A corpus directory (local, or an object-store URL read through a local cache) ho
                            "num_samples": N, "columns": {...}}
     index.json            mosaicml-streaming's MDS index
     shard.*.mds           (or parts/part-*/shard.*.mds when built by build_shards)
+
+A classify corpus's manifest also names its classes (`"classes": [name, ...]`, label i is
+classes[i]) and may give prompt templates (`"templates": ["a photo of a {}.", ...]`) that
+zero-shot classification fills with each name.
     rejected.jsonl        records the builder refused, with the reason (build_shards only)
 
 The reader refuses a directory without the manifest, with another schema than asked for, or with
@@ -90,16 +94,34 @@ def check_manifest(manifest: dict, path: str, expect_schema: Optional[str] = Non
             f"rebuild the corpus with data_tools/build_shards.py or use a matching finevit")
     if expect_schema is not None and schema != expect_schema:
         raise CorpusError(f"{path} holds schema '{schema}', expected '{expect_schema}'")
+    if schema == "classify":
+        check_class_names(manifest.get("classes"), manifest.get("templates"), f"{path}: {MANIFEST}")
     return schema
+
+
+def check_class_names(classes: Any, templates: Any, where: str) -> None:
+    """A classify corpus's class names (non-empty, distinct strings) and optional templates."""
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) and c.strip() for c in classes)):
+        raise CorpusError(f"{where} needs 'classes', a non-empty list of class names (label i is the i-th)")
+    if len(set(classes)) != len(classes):
+        raise CorpusError(f"{where} names a class twice in 'classes'")
+    if templates is not None and (not isinstance(templates, list) or not templates or not all(
+            isinstance(t, str) and t.count("{}") == 1 for t in templates)):
+        raise CorpusError(f"{where}: 'templates' must be a non-empty list of strings, each with one {{}}")
 
 
 class CorpusWriter:
     """Writes validated records (see schema.validate_record) as MDS shards plus the manifest."""
 
-    def __init__(self, out: str, schema: str, size_limit: str = "64mb", compression: Optional[str] = None):
+    def __init__(self, out: str, schema: str, size_limit: str = "64mb", compression: Optional[str] = None,
+                 **manifest_extra: Any):
+        """manifest_extra: more manifest keys (a classify corpus's `classes` and `templates`)."""
         from streaming import MDSWriter
+        if schema == "classify":
+            check_class_names(manifest_extra.get("classes"), manifest_extra.get("templates"), "CorpusWriter")
         os.makedirs(out, exist_ok=True)
-        self.out, self.schema, self.count = out, schema, 0
+        self.out, self.schema, self.count, self.extra = out, schema, 0, manifest_extra
         self._writer = MDSWriter(out=out, columns=columns(schema), size_limit=size_limit,
                                  compression=compression)
 
@@ -110,7 +132,7 @@ class CorpusWriter:
     def finish(self, manifest: bool = True) -> None:
         self._writer.finish()
         if manifest:
-            write_manifest(self.out, self.schema, self.count)
+            write_manifest(self.out, self.schema, self.count, **self.extra)
 
     def __enter__(self) -> "CorpusWriter":
         return self

@@ -5,6 +5,8 @@ Every image is a 3x3 grid of cells; each object sits inside its own cell, so not
 - a picture: a plain background with 1-4 shapes (circle, square, triangle, diamond; 8 colours;
   small / medium / large) and 0-2 rendered words (PIL's bitmap font, scaled up by whole pixels),
 - or a document: a white page with 2-5 lines of capital words.
+The classify schema's held-out split holds pictures of a single shape labelled with its colour and
+kind ("red circle", 32 classes) for zero-shot classification.
 Captions name everything visible and nothing else, so a model can learn them from pixels alone;
 the three caption templates (standing in for the paper's three captioners) parse back to the
 same facts (`parse_caption`), which is what the tests check.
@@ -84,10 +86,24 @@ def _text_colour(background: str) -> str:
     return "white" if background == "black" else "black"
 
 
-def make_scene(rng: np.random.Generator) -> Scene:
+def _canvas(rng: np.random.Generator) -> tuple[int, int]:
     aw, ah = ASPECTS[rng.integers(len(ASPECTS))]
     short = int(SHORT_SIDES[rng.integers(len(SHORT_SIDES))])
-    w, h = (short * aw // ah, short) if aw >= ah else (short, short * ah // aw)
+    return (short * aw // ah, short) if aw >= ah else (short, short * ah // aw)
+
+
+def _shape(rng: np.random.Generator, cell: int, cw: int, ch: int) -> Item:
+    """A shape of random size, kind and colour somewhere inside `cell` (cells are cw x ch)."""
+    x0, y0 = (cell % 3) * cw, (cell // 3) * ch
+    size = list(SIZES)[rng.integers(3)]
+    side = int(min(cw, ch) * SIZES[size])
+    ox, oy = int(rng.integers(0, cw - side + 1)), int(rng.integers(0, ch - side + 1))
+    return Item("shape", cell, SHAPES[rng.integers(4)], list(COLOURS)[rng.integers(8)],
+                size, box=(x0 + ox, y0 + oy, x0 + ox + side, y0 + oy + side))
+
+
+def make_scene(rng: np.random.Generator) -> Scene:
+    w, h = _canvas(rng)
     if rng.random() < 0.2:
         scene = Scene(w, h, "white", True)
         n_lines = int(rng.integers(2, 6))
@@ -103,11 +119,7 @@ def make_scene(rng: np.random.Generator) -> Scene:
     for cell, kind in zip(cells, kinds):
         x0, y0 = (cell % 3) * cw, (cell // 3) * ch
         if kind == "shape":
-            size = list(SIZES)[rng.integers(3)]
-            side = int(min(cw, ch) * SIZES[size])
-            ox, oy = int(rng.integers(0, cw - side + 1)), int(rng.integers(0, ch - side + 1))
-            scene.items.append(Item("shape", cell, SHAPES[rng.integers(4)], list(COLOURS)[rng.integers(8)],
-                                    size, box=(x0 + ox, y0 + oy, x0 + ox + side, y0 + oy + side)))
+            scene.items.append(_shape(rng, cell, cw, ch))
         else:
             word = str(WORDS[rng.integers(len(WORDS))])
             mask = _text_mask(word, 1)
@@ -260,9 +272,27 @@ def regions(scene: Scene) -> list[dict]:
             for it in scene.items]
 
 
+# ----------------------------------------------------------------------------- classification
+
+# The labelled split for zero-shot classification: one shape per picture, class = colour x shape.
+CLASSES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+# Prompts in the captions' own words; position and background vary, so they name neither.
+CLASS_TEMPLATES = tuple(f"{lead}{size} {{}}{end}" for lead, end in (("there is a ", "."), ("", ""))
+                        for size in SIZES)
+
+
+def make_labelled_scene(rng: np.random.Generator) -> tuple[Scene, int]:
+    """A picture holding exactly one shape (any canvas, background, cell and size) and its label."""
+    w, h = _canvas(rng)
+    scene = Scene(w, h, list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], False)
+    scene.items.append(_shape(rng, int(rng.integers(9)), w // 3, h // 3))
+    item = scene.items[0]
+    return scene, CLASSES.index(f"{item.colour} {item.shape}")
+
+
 # ----------------------------------------------------------------------------- corpus
 
-_STREAM_CODES = {"recaption": 1, "finecap": 2, "train": 1, "heldout": 2}
+_STREAM_CODES = {"recaption": 1, "finecap": 2, "classify": 3, "train": 1, "heldout": 2}
 
 
 def _rng(seed: int, schema: str, split: str, index: int) -> np.random.Generator:
@@ -277,11 +307,13 @@ def demo_scene(seed: int, schema: str, split: str, index: int) -> Scene:
 def demo_record(seed: int, schema: str, split: str, index: int) -> tuple[dict, Scene]:
     """Record `index` of the demo corpus (raw, as build_shards would receive it) and its scene."""
     rng = _rng(seed, schema, split, index)
-    scene = make_scene(rng)
+    scene, label = make_labelled_scene(rng) if schema == "classify" else (make_scene(rng), -1)
     fmt = FORMATS[int(rng.integers(len(FORMATS)))]
     rec = {"id": f"{schema[:2]}-{split}-{index:07d}", "image": encode(render(scene), fmt),
            "width": scene.width, "height": scene.height, "source": f"demo:{fmt.lower()}"}
-    if schema == "recaption":
+    if schema == "classify":
+        rec["label"] = label
+    elif schema == "recaption":
         rec["captions"] = captions(scene)
     else:
         rec["global_caption"] = caption_long(scene)
@@ -292,16 +324,19 @@ def demo_record(seed: int, schema: str, split: str, index: int) -> tuple[dict, S
 def write_demo_corpus(out: str, seed: int = 0, train: int = 1000, heldout: int = 100,
                       schemas: tuple = ("recaption", "finecap"), size_limit: str = "16mb",
                       progress: Optional[callable] = None) -> dict[str, str]:
-    """Write out/<schema>/<split> corpus directories; returns {"<schema>/<split>": path}."""
+    """Write out/<schema>/<split> corpus directories; returns {"<schema>/<split>": path}.
+
+    The classify schema has a held-out split only: it is for evaluation."""
     from finevit.data.corpus import CorpusWriter
     from finevit.data.schema import validate_record
     paths = {}
     for schema in schemas:
+        extra = {"classes": list(CLASSES), "templates": list(CLASS_TEMPLATES)} if schema == "classify" else {}
         for split, n in (("train", train), ("heldout", heldout)):
-            if n <= 0:
+            if n <= 0 or (schema == "classify" and split == "train"):
                 continue
             path = f"{out}/{schema}/{split}"
-            with CorpusWriter(path, schema, size_limit=size_limit) as writer:
+            with CorpusWriter(path, schema, size_limit=size_limit, **extra) as writer:
                 for i in range(n):
                     writer.write(validate_record(schema, demo_record(seed, schema, split, i)[0]))
                     if progress:

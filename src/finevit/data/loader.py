@@ -38,7 +38,7 @@ from finevit.data.corpus import Corpus, open_corpus
 from finevit.data.packing import PackedBatch, Packer, Sample, collate
 from finevit.data.preprocess import PatchSpec, Preprocessor
 from finevit.data.sampler import EpochPlan
-from finevit.data.schema import Limits, RecordError, check_region
+from finevit.data.schema import Limits, RecordError, check_label, check_region
 from finevit.data.state import STATE_VERSION, Phase, StateError, check_states, reshard
 from finevit.data.tokenizer import CaptionTokenizer
 
@@ -70,11 +70,14 @@ class _Reader(Dataset):
         # One generator per (sample, pass): caption choice and augmentation are reproducible
         # on resume and differ from pass to pass.
         rng = np.random.default_rng([self.seed, out.corpus, index, p])
-        if self.corpora[out.corpus].schema == "recaption":
+        corpus = self.corpora[out.corpus]
+        if corpus.schema == "recaption":
             caps = [c for c in row.get("captions") or [] if isinstance(c, str) and c.strip()]
             if not caps:
                 raise RecordError("missing_caption", "no caption")
             out.caption, regions = caps[int(rng.integers(len(caps)))], []
+        elif corpus.schema == "classify":  # an image and its class: nothing to tokenise
+            out.label, regions = check_label(row.get("label"), len(corpus.manifest["classes"])), []
         else:
             out.caption = row.get("global_caption") or ""
             if not out.caption.strip():
@@ -86,7 +89,7 @@ class _Reader(Dataset):
         out.pixel_values, out.grid_thw, out.boxes = img.pixel_values, img.grid_thw, img.boxes
         out.region_texts = [r["text"] for r in regions]
         out.region_kinds = [r["kind"] for r in regions]
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and out.caption:
             out.text_ids = self.tokenizer.encode(out.caption, self.max_text_len)
         return out
 

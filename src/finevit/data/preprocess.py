@@ -91,7 +91,9 @@ def patchify(rgb: np.ndarray, spec: PatchSpec = PatchSpec()) -> tuple[torch.Tens
     h, w = H // p, W // p
     # Reorder while still uint8 (the permuted copy moves a quarter of the bytes it would in
     # float32), then normalise the contiguous result into the output in one pass.
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).view(h // m, m, p, w // m, m, p, C)  # [h/2, 2, 14, w/2, 2, 14, C]
+    # PIL's arrays are read-only and torch warns about wrapping those; the uint8 copy is cheap.
+    rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb, order="C")
+    x = torch.from_numpy(rgb).view(h // m, m, p, w // m, m, p, C)  # [h/2, 2, 14, w/2, 2, 14, C]
     x = x.permute(0, 3, 1, 4, 6, 2, 5).reshape(h * w, C, 1, p * p)  # [h*w, C, 1, 14*14]
     out = torch.empty(h * w, C, T, p * p)
     first = out[:, :, :1]

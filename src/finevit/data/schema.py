@@ -6,6 +6,9 @@ Two schemas, each stored as MDS columns (mosaicml-streaming):
   list of one or more recaptions of the image), source.
 - finecap (stage 2): id, image, width, height, global_caption, regions (JSON list of
   {box: [x0, y0, x1, y1], text, kind: local|ocr|doc_ocr, score}), source.
+- classify (evaluation only): id, image, width, height, label (class index), source. The class
+  names, and optionally the prompt templates that turn a name into a caption, are corpus-level
+  facts: they live in the manifest (`classes`, `templates`), see corpus.py.
 
 Boxes are in source-image pixels, edge coordinates: a box covers x0 <= x < x1, y0 <= y < y1, so
 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height; the whole image is [0, 0, width, height].
@@ -17,8 +20,9 @@ side file) and by the reader (skip and count), so both apply the same rules.
 import io
 import json
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from PIL import Image
 
@@ -29,6 +33,9 @@ SCHEMAS = {
     "finecap": {"version": 1, "columns": {
         "id": "str", "image": "bytes", "width": "int32", "height": "int32",
         "global_caption": "str", "regions": "json", "source": "str"}},
+    "classify": {"version": 1, "columns": {
+        "id": "str", "image": "bytes", "width": "int32", "height": "int32",
+        "label": "int32", "source": "str"}},
 }
 REGION_KINDS = ("local", "ocr", "doc_ocr")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -130,6 +137,16 @@ def check_region(region: Any, width: int, height: int, limits: Limits, where: st
     return {"box": [x0, y0, x1, y1], "text": text, "kind": kind, "score": float(score)}
 
 
+def check_label(label: Any, num_classes: Optional[int] = None) -> int:
+    """A class index: an int in [0, num_classes) (num_classes unknown: any int >= 0)."""
+    # numbers.Integral: MDS hands int32 columns back as numpy integers
+    if not isinstance(label, numbers.Integral) or isinstance(label, bool) or label < 0:
+        raise RecordError("bad_label", f"label {label!r} is not a class index (an integer >= 0)")
+    if num_classes is not None and label >= num_classes:
+        raise RecordError("bad_label", f"label {label} is not below the corpus's {num_classes} classes")
+    return int(label)
+
+
 def _captions(rec: dict, limits: Limits) -> list[str]:
     caps = rec.get("captions")
     if caps is None and "caption" in rec:  # a single caption under the singular name
@@ -141,11 +158,13 @@ def _captions(rec: dict, limits: Limits) -> list[str]:
     return [_text(c, f"captions[{i}]", limits.max_caption_chars, "missing_caption") for i, c in enumerate(caps)]
 
 
-def validate_record(schema: str, rec: dict, limits: Optional[Limits] = None) -> dict:
+def validate_record(schema: str, rec: dict, limits: Optional[Limits] = None,
+                    classes: Optional[Sequence[str]] = None) -> dict:
     """The record as it is stored (column -> value), or RecordError naming the first problem.
 
     `rec["image"]` holds encoded bytes. Width and height are taken from the image; when the
     record states them they must agree. The image is decoded fully only after the cheap checks.
+    A classify record's label is a class index, or one of `classes` by name.
     """
     limits = limits or Limits()
     cols = columns(schema)
@@ -170,6 +189,11 @@ def validate_record(schema: str, rec: dict, limits: Optional[Limits] = None) -> 
            "source": str(rec.get("source") or "")}
     if schema == "recaption":
         out["captions"] = _captions(rec, limits)
+    elif schema == "classify":
+        label = rec.get("label")
+        if isinstance(label, str) and classes is not None and label in classes:
+            label = list(classes).index(label)
+        out["label"] = check_label(label, len(classes) if classes is not None else None)
     else:
         out["global_caption"] = _text(rec.get("global_caption"), "global_caption",
                                       limits.max_caption_chars, "missing_caption")

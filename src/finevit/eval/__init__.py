@@ -1,0 +1,37 @@
+"""Zero-shot evaluation on held-out corpora: retrieval on captioned ones, classification on
+labelled (schema "classify") ones. Usable without the trainer: give it a task, its model chunks
+and process groups."""
+
+from typing import Optional
+
+from finevit.data.corpus import read_manifest
+from finevit.eval.classify import evaluate_classification, zero_shot_accuracy
+from finevit.eval.retrieval import evaluate_retrieval, recall_at_k
+
+
+def eval_schemas(corpora: list) -> list[str]:
+    """The schema of each eval corpus; CorpusError (one sentence) for one that cannot be read,
+    so a run learns of a bad eval corpus at its start, not at its first evaluation."""
+    return [read_manifest(c.path, c.cache)["schema"] for c in corpora]
+
+
+def evaluate(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
+    """Every metric eval.corpora supports, in one dict on last-stage ranks (None elsewhere).
+
+    Captioned corpora are pooled into one retrieval set (i2t_r1, ...); each classify corpus is
+    scored on its own (<name>_top1, ...). Collective over all ranks.
+    """
+    captioned, labelled = [], []
+    for corpus, schema in zip(cfg.eval.corpora, eval_schemas(cfg.eval.corpora)):
+        (labelled if schema == "classify" else captioned).append(corpus)
+    results = []
+    if captioned:
+        results.append(evaluate_retrieval(cfg, task, chunks, pg, captioned, phase))
+    for corpus in labelled:
+        results.append(evaluate_classification(cfg, task, chunks, pg, corpus, phase))
+    if not results or results[0] is None:
+        return None
+    return {k: v for r in results for k, v in r.items()}
+
+
+__all__ = ["eval_schemas", "evaluate", "evaluate_classification", "evaluate_retrieval", "recall_at_k", "zero_shot_accuracy"]

@@ -1,20 +1,15 @@
 """Zero-shot image<->text retrieval on held-out corpora (recall@1 and @5 with long captions).
 
-Every data-parallel rank embeds its shard of the held-out split (one pass, packed like training,
-through the same pipeline schedule in forward-only mode); the last pipeline stage gathers the
-pairs of all DP ranks and scores every image against every caption. Pair i is image i with the
+The held-out captioned corpora are embedded together (eval/embed.py); pair i is image i with the
 caption the loader picked for it, so a hit is the exact caption, not one that merely reads alike.
 """
 
-import dataclasses
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from finevit.data import PatchSpec, build_loader
-from finevit.train.forward_backward import forward_backward
+from finevit.eval.embed import embed_corpora
 
 
 def recall_at_k(images: torch.Tensor, texts: torch.Tensor, ks=(1, 5)) -> dict:
@@ -32,41 +27,14 @@ def recall_at_k(images: torch.Tensor, texts: torch.Tensor, ks=(1, 5)) -> dict:
     return out
 
 
-@torch.no_grad()
-def evaluate_retrieval(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
-    """Recall on cfg.eval.corpora at the current phase's resolution and text length.
+def evaluate_retrieval(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Optional[dict]:
+    """Recall on captioned `corpora` at the phase's resolution and text length.
 
     Collective over all ranks; returns the metrics on last-stage ranks, None elsewhere.
     """
-    data = dataclasses.replace(cfg.data, corpora=list(cfg.eval.corpora))
-    dp_rank, dp_size = pg.dp.rank(), pg.dp.size()
-    loader = build_loader(data, PatchSpec.from_vision(cfg.model.vision), dp_rank, dp_size,
-                          seed=cfg.precision.seed, epochs=1)
-    if phase is not None:
-        loader.set_pixel_budget(phase.min_pixels, phase.max_pixels)
-        loader.set_max_text_len(phase.max_text_len)
-    for chunk in chunks:
-        chunk.eval()
-    pairs: list = []
-    seen = 0
-    limit = cfg.eval.max_samples
-    try:
-        for batch in loader:
-            if limit is not None and seen >= -(-limit // dp_size):
-                break
-            seen += batch.num_images
-            forward_backward(chunks, [task.inputs(batch)], partial(task.forward, collect=pairs), pg,
-                             seq_length=cfg.data.max_tokens, forward_only=True)
-    finally:
-        loader.close()
-        for chunk in chunks:
-            chunk.train()
-    if pg.pp.rank() != pg.pp.size() - 1:
+    emb = embed_corpora(cfg, task, chunks, pg, corpora, phase)
+    if emb is None:
         return None
-    local = (torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, 1),
-             torch.cat([p[1] for p in pairs]) if pairs else torch.zeros(0, 1))
-    gathered = [None] * dp_size
-    torch.distributed.all_gather_object(gathered, local, group=pg.dp)
-    images = torch.cat([g[0] for g in gathered if g[0].numel()])
-    texts = torch.cat([g[1] for g in gathered if g[1].numel()])
-    return recall_at_k(images, texts)
+    if emb.texts is None or emb.texts.shape[0] != emb.images.shape[0]:
+        raise ValueError("retrieval needs a caption per image: set data.tokenizer")
+    return recall_at_k(emb.images, emb.texts)

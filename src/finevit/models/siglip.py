@@ -53,15 +53,18 @@ class SigLIPChunk(MegatronModule):
     def forward(self, pixel_values: Optional[torch.Tensor], grid_thw: torch.Tensor,
                 cu_seqlens: torch.Tensor, num_tokens: int, text_ids: Optional[torch.Tensor] = None,
                 text_lengths: Optional[torch.Tensor] = None, text_len: Optional[int] = None):
-        """Between stages: vision activations. On the last: (image_emb [n, d], text_emb [n, d])."""
+        """Between stages: vision activations. On the last: (image_emb [n, d], text_emb [n, d]),
+        text_emb None without text_ids."""
         hidden = self.vision(pixel_values if self.pre_process else None, grid_thw, num_tokens)
         if not self.post_process:
             return hidden
         images = self.head(hidden, cu_seqlens.to(hidden.device))  # [S, h] -> [n, embed]
         return images, self.encode_text(text_ids, text_lengths, text_len)
 
-    def encode_text(self, text_ids: torch.Tensor, lengths: Optional[torch.Tensor],
-                    text_len: Optional[int]) -> torch.Tensor:
+    def encode_text(self, text_ids: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+                    text_len: Optional[int]) -> Optional[torch.Tensor]:
+        if text_ids is None:  # images alone (evaluating a labelled corpus)
+            return None
         if text_len is not None:  # "last" pooling reads the phase's final position
             text_ids = pad_to_length(text_ids, text_len, self.text.text.pad_id)
         # A frozen tower builds no graph: cheaper, and its gradients stay exactly zero.

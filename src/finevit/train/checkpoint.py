@@ -15,10 +15,15 @@ Every rank writes its shards into `step_N.tmp/`; after a barrier rank 0 renames 
 and only then points `latest` at it, so a crash at any moment leaves the previous checkpoint
 intact and `latest` valid. The filesystem must be shared by all ranks.
 
-Tensors are stored in layout-independent form: model tensors under their global keys (layers
-numbered globally, TP shards placed in the full tensor) and the distributed optimizer in
-megatron's `fully_reshardable` format (per-parameter state in model space). A checkpoint loads
-into any TP / PP / VPP / DP layout, optimizer state included.
+Model tensors are stored in layout-independent form, under their global keys (layers numbered
+globally, TP shards placed in the full tensor). The distributed optimizer's state takes one of
+megatron's two formats (checkpoint.optimizer_format, recorded in meta.json):
+- `fully_reshardable` (default): per-parameter state in model space; the checkpoint loads into
+  any TP / PP / VPP / DP layout. Saving all-gathers each model shard's optimizer state over the
+  DP group, so every rank briefly holds its whole model shard's state (12 bytes per parameter).
+- `dp_reshardable`: every rank writes its own slice of the flat buffers, with no communication
+  and no extra memory; it loads only into the same TP / PP / VPP layout (DP may change). Weights
+  alone (load_optimizer=False) still load anywhere.
 """
 
 import contextlib
@@ -45,7 +50,7 @@ FORMAT = "finevit-ckpt-1"
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
-OPTIMIZER_SHARDING = "fully_reshardable"
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -109,7 +114,7 @@ def _model_key(i: int, n: int) -> str:
 
 
 def _sharded_state_dict(model_chunks, optimizer, pg: ProcessGroupCollection,
-                        is_loading: bool) -> dict:
+                        is_loading: bool, optimizer_format: str = OPTIMIZER_FORMATS[0]) -> dict:
     """Model chunks unwrapped (keys must not depend on the DDP / fp16 wrappers), then optimizer."""
     metadata = {"dp_cp_group": pg.dp_cp}
     state = {_model_key(i, len(model_chunks)): unwrap_model(c).sharded_state_dict(metadata=metadata)
@@ -117,7 +122,7 @@ def _sharded_state_dict(model_chunks, optimizer, pg: ProcessGroupCollection,
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading,
-            metadata={**metadata, "distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+            metadata={**metadata, "distrib_optim_sharding_type": optimizer_format,
                       # Per-parameter keys are global already; a prefix would tie them to the
                       # number of chained optimizers.
                       "chained_optim_avoid_prefix": True})
@@ -185,13 +190,14 @@ def _commit(root: Path, tmp: Path, final: Path, keep_last: Optional[int]) -> Non
 
 def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, common: dict,
                     pg: ProcessGroupCollection, keep_last: Optional[int] = None,
-                    rank_state=None,
+                    rank_state=None, optimizer_format: str = OPTIMIZER_FORMATS[0],
                     _fail_after_model_save: Optional[Callable[[], None]] = None) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint directory.
 
     common: the trainer's plain dict (scheduler state, step, consumed samples, phase, ...),
         taken from rank 0. rank_state: this rank's own picklable state (RNG, data loader);
         all ranks' are gathered so that a run with another layout can still read them.
+    optimizer_format: one of OPTIMIZER_FORMATS (see the module docstring).
     _fail_after_model_save: test hook, called on every rank after the tensors are written and
         before the checkpoint is committed (raise from it to simulate a crash).
     """
@@ -204,11 +210,13 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
         _clean_leftovers(root)
         tmp.mkdir()
     torch.distributed.barrier()
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
     if optimizer is not None:
         _materialize_adam_state(optimizer)  # a save before the first step needs it too
     with _in_process_write_queue():
         dist_checkpointing.save(
-            _sharded_state_dict(model_chunks, optimizer, pg, is_loading=False), str(tmp))
+            _sharded_state_dict(model_chunks, optimizer, pg, False, optimizer_format), str(tmp))
     if _fail_after_model_save is not None:
         _fail_after_model_save()
     rank_states = _gather_rank_states(rank_state, pg)
@@ -219,7 +227,7 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
             os.fsync(f.fileno())
         meta = {"format": FORMAT, "step": step, "time": time.time(),
                 "layout": _layout(model_chunks, pg),
-                "optimizer": OPTIMIZER_SHARDING if optimizer is not None else None}
+                "optimizer": optimizer_format if optimizer is not None else None}
         _write_atomic(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
     torch.distributed.barrier()  # every shard is on disk before the rename makes it visible
     if _is_rank0():
@@ -263,13 +271,14 @@ def _torch_adams(optimizer) -> list:
 
 
 @contextlib.contextmanager
-def _tolerate_missing_step(optimizer):
-    """Work around megatron 0.19 + torch Adam in `fully_reshardable` loads.
+def _keep_restored_step(optimizer):
+    """Work around megatron 0.19 + torch Adam in distributed-optimizer loads.
 
-    The format stores no per-parameter 'step' (it lives in the param groups), but
-    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every tensor of the
-    torch state, 'step' included, and fails with KeyError 'step'. Fill missing entries from
-    the current state (the step was already restored from the param groups).
+    megatron restores torch Adam's 'step' from the saved param groups, then copies each
+    parameter's saved tensors into the state with `_set_main_param_and_optimizer_states`:
+    `fully_reshardable` stores no per-parameter 'step' (KeyError 'step'), `dp_reshardable`
+    hands back the loading optimizer's own placeholder (step 0, wrong bias correction). Keep
+    the step restored from the param groups and fill anything else missing from the state.
     """
     patched = []
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -279,8 +288,11 @@ def _tolerate_missing_step(optimizer):
             continue
 
         def fill(model_param, tensors, sub=sub, setter=setter):
-            return setter(model_param, {**sub._get_main_param_and_optimizer_states(model_param),
-                                        **tensors})
+            current = sub._get_main_param_and_optimizer_states(model_param)
+            merged = {**current, **tensors}
+            if "step" in current:
+                merged["step"] = current["step"]
+            return setter(model_param, merged)
 
         sub._set_main_param_and_optimizer_states = fill
         patched.append(sub)
@@ -298,6 +310,19 @@ def _unshare_steps(optimizer) -> None:
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+def _check_optimizer_layout(path: Path, meta: dict, layout: dict) -> None:
+    """dp_reshardable optimizer state loads only into the TP / PP / VPP layout that saved it."""
+    if meta.get("optimizer") != "dp_reshardable":
+        return
+    keys = ("tp", "pp", "model_chunks")
+    saved = {k: meta["layout"].get(k) for k in keys}
+    if saved != {k: layout[k] for k in keys}:
+        raise ValueError(
+            f"{path} holds dp_reshardable optimizer state, which loads only into the layout that "
+            f"saved it (tensor={saved['tp']}, pipeline={saved['pp']}, {saved['model_chunks']} model "
+            f"chunks per rank); use that layout, or load the weights alone")
 
 
 def load_checkpoint(path, model_chunks: list, optimizer, pg: ProcessGroupCollection,
@@ -319,18 +344,19 @@ def load_checkpoint(path, model_chunks: list, optimizer, pg: ProcessGroupCollect
     if with_optimizer and meta.get("optimizer") is None:
         raise ValueError(f"{path} holds no optimizer state; load with load_optimizer=False")
     if with_optimizer:
+        _check_optimizer_layout(path, meta, _layout(model_chunks, pg))
         _materialize_adam_state(optimizer)
     else:
         logger.warning("loading model weights only from %s (optimizer state skipped)", path)
-    sharded = _sharded_state_dict(model_chunks, optimizer if with_optimizer else None, pg,
-                                  is_loading=True)
+    sharded = _sharded_state_dict(model_chunks, optimizer if with_optimizer else None, pg, True,
+                                  meta.get("optimizer") or OPTIMIZER_FORMATS[0])
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(path))
         for i, chunk in enumerate(model_chunks):
             unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))],
                                                 strict=True)
         if with_optimizer:
-            with _tolerate_missing_step(optimizer):
+            with _keep_restored_step(optimizer):
                 optimizer.load_state_dict(loaded["optimizer"])
             _unshare_steps(optimizer)
         elif optimizer is not None:

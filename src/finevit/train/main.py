@@ -42,13 +42,26 @@ def make_task(cfg: Config, name: str):
     raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
 
 
+def _setup(trainer):
+    """The trainer set up, or None after one line saying which corpus cannot be read."""
+    from finevit.data.corpus import CorpusError
+
+    try:
+        return trainer.setup()
+    except CorpusError as e:
+        log.error("data: %s", e)
+        return None
+
+
 def train(config: str, overrides: list[str], task: str = "stage1") -> int:
     cfg = load(config, overrides)
     if cfg is None:
         return 2
     from finevit.train.trainer import Trainer, TrainingError
 
-    trainer = Trainer(cfg, make_task(cfg, task)).setup()
+    trainer = _setup(Trainer(cfg, make_task(cfg, task)))
+    if trainer is None:
+        return 2
     try:
         state = trainer.train()
     except TrainingError as e:
@@ -71,7 +84,9 @@ def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
         return 2
     from finevit.train.trainer import Trainer
 
-    trainer = Trainer(cfg, make_task(cfg, task)).setup()
+    trainer = _setup(Trainer(cfg, make_task(cfg, task)))
+    if trainer is None:
+        return 2
     try:
         result = trainer.evaluate()
     finally:

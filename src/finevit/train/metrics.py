@@ -94,11 +94,21 @@ def report(run_dir: str) -> int:
         t = train[-1]
         print(f"last step {t['step']}: {t['samples']} samples, loss {t['loss']:.4f}, "
               f"{t['images_per_s']:.1f} images/s, phase {t['phase']}")
-    if evals:
-        keys = [k for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5") if k in evals[0]]
+    shown = [evals[0], evals[-1]] if len(evals) > 1 else evals
+    if evals and "i2t_r1" in evals[-1]:
         print(f"held-out retrieval ({evals[-1].get('pairs')} pairs, chance R@1 "
               f"{evals[-1].get('chance_r1', 0):.3f}):")
-        print("  " + "step".rjust(8) + "".join(k.rjust(9) for k in keys))
-        for r in ([evals[0], evals[-1]] if len(evals) > 1 else evals):
-            print("  " + str(r["step"]).rjust(8) + "".join(f"{r[k]:9.3f}" for k in keys))
+        _table(shown, ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"))
+    for name in (k[:-len("_top1")] for k in (evals[-1] if evals else {}) if k.endswith("_top1")):
+        print(f"zero-shot classification '{name}' ({evals[-1].get(name + '_images')} images, "
+              f"chance top-1 {evals[-1].get(name + '_chance', 0):.3f}):")
+        _table(shown, (f"{name}_top1", f"{name}_top5"))
     return 0
+
+
+def _table(rows: list, keys: tuple) -> None:
+    print("  " + "step".rjust(8) + "".join(k.rjust(max(9, len(k) + 1)) for k in keys))
+    for r in rows:
+        print("  " + str(r["step"]).rjust(8)
+              + "".join(f"{r[k]:{max(9, len(k) + 1)}.3f}" if k in r else "-".rjust(max(9, len(k) + 1))
+                        for k in keys))

@@ -47,9 +47,12 @@ class Stage1Task:
 
     # ------------------------------------------------------------------ a step
 
-    def inputs(self, batch: PackedBatch) -> dict:
-        if batch.text_ids is None:
-            raise ValueError("stage 1 needs tokenised captions: set data.tokenizer to a sentencepiece model")
+    def inputs(self, batch: PackedBatch, captions: bool = True) -> dict:
+        """A micro-batch for forward(); captions=False (evaluating labelled images) embeds the
+        images alone."""
+        if captions and batch.text_ids is None:
+            raise ValueError("stage 1 needs tokenised captions: set data.tokenizer to a sentencepiece "
+                             "model and train on captioned corpora (classify corpora are for eval)")
         return {"pixel_values": batch.pixel_values, "grid_thw": batch.grid_thw,
                 "cu_seqlens": batch.cu_seqlens, "text_ids": batch.text_ids,
                 "text_lengths": batch.text_lengths}
@@ -57,8 +60,8 @@ class Stage1Task:
     def forward(self, chunk, mb: dict, collect: Optional[list] = None):
         """megatron's forward_step: output, and the loss function for the last stage.
 
-        With `collect` (evaluation), the last stage appends (image_emb, text_emb) instead of
-        computing the contrastive loss.
+        With `collect` (evaluation), the last stage appends (image_emb, text_emb or None) instead
+        of computing the contrastive loss.
         """
         device = next(unwrap_model(chunk).parameters()).device
         pixels = mb["pixel_values"].to(device, non_blocking=True) if unwrap_model(chunk).pre_process else None
@@ -68,7 +71,8 @@ class Stage1Task:
         def loss_func(output):
             images, texts = output
             if collect is not None:
-                collect.append((images.detach().float().cpu(), texts.detach().float().cpu()))
+                collect.append((images.detach().float().cpu(),
+                                None if texts is None else texts.detach().float().cpu()))
                 return images.sum() * 0, {}
             res = unwrap_model(chunk).loss(images, texts, group=self.pg.dp)
             # clone: megatron divides the returned loss by the number of micro-batches in place

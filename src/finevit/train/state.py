@@ -42,10 +42,22 @@ def gather_objects(obj, group=None) -> list:
     return out
 
 
-def collect_common(state: TrainState, scheduler, loader, dp_rank: int, extra: dict) -> dict:
-    """The checkpoint's plain part. Collective: every rank calls it."""
-    loaders = gather_objects((dp_rank, loader.state_dict()))
-    per_dp = {r: s for r, s in loaders}  # TP/PP peers of one replica hold the same state
+def next_batches(loader, n: int, tp_group) -> list:
+    """The step's n micro-batches. Only tensor-parallel rank 0 reads them; its TP peers receive a
+    copy, so a node decodes each image once per pipeline stage instead of once per TP rank."""
+    if tp_group.size() == 1:
+        return [next(loader) for _ in range(n)]
+    box = [[next(loader) for _ in range(n)] if tp_group.rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(tp_group, 0),
+                                            group=tp_group)
+    return box[0]
+
+
+def collect_common(state: TrainState, scheduler, loader, dp_rank: int, extra: dict, reads: bool = True) -> dict:
+    """The checkpoint's plain part. Collective: every rank calls it. `reads`: this rank's loader
+    is the one that reads (TP rank 0, see next_batches); its peers' loaders stand still."""
+    loaders = [x for x in gather_objects((dp_rank, loader.state_dict()) if reads else None) if x is not None]
+    per_dp = {r: s for r, s in loaders}  # the reading ranks of one replica hold the same state
     return {"train": state.to_dict(), "scheduler": scheduler.state_dict(),
             "loader": [per_dp[r] for r in sorted(per_dp)], **extra}
 

@@ -22,6 +22,7 @@ import yaml
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
+from finevit.eval import eval_schemas, evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
 from finevit.parallel.shards import canonical_parameters, load_full_state
@@ -30,7 +31,7 @@ from finevit.train.forward_backward import forward_backward
 from finevit.train.metrics import MetricsLogger, Timers, peak_tflops
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
-from finevit.train.state import TrainState, collect_common, restore_common
+from finevit.train.state import TrainState, collect_common, next_batches, restore_common
 from finevit.train.step import group_settings, optimizer_step, saved_group_settings, set_frozen, set_group_settings
 
 log = logging.getLogger("finevit.train")
@@ -66,6 +67,7 @@ class Trainer:
         self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self.phases = resolve_phases(cfg.schedule, cfg.data)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
+        eval_schemas(cfg.eval.corpora)
         self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
                                    self.dp_size, seed=cfg.precision.seed)
         last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
@@ -162,7 +164,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, state, timers = self.cfg, self.state, self.timers
         timers.start("data")
-        batches = [next(self.loader) for _ in range(cfg.schedule.micro_batches_per_step)]
+        batches = next_batches(self.loader, cfg.schedule.micro_batches_per_step, self.pg.tp)
         timers.stop("data")
         counts = torch.tensor([sum(b.num_images for b in batches), sum(b.num_tokens for b in batches),
                                sum(b.max_tokens for b in batches)], dtype=torch.float64)
@@ -246,15 +248,15 @@ class Trainer:
 
     def save(self) -> None:
         extra = {"phase": phase_summary(self.phases[self.state.phase]), "config": to_yaml(self.cfg)}
-        common = collect_common(self.state, self.scheduler, self.loader, self.dp_rank, extra)
+        common = collect_common(self.state, self.scheduler, self.loader, self.dp_rank, extra,
+                                reads=self.pg.tp.rank() == 0)
         ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self.ddp, self.optimizer, common, self.pg,
+                             optimizer_format=self.cfg.checkpoint.optimizer_format,
                              keep_last=self.cfg.checkpoint.keep_last,
                              rank_state={"rng": ckpt.rng_state()}, **self._save_hooks)
 
     def evaluate(self) -> Optional[dict]:
-        from finevit.eval.retrieval import evaluate_retrieval
-
-        result = evaluate_retrieval(self.cfg, self.task, self.ddp, self.pg, self.phases[self.state.phase])
+        result = evaluate(self.cfg, self.task, self.ddp, self.pg, self.phases[self.state.phase])
         if result is not None:
             self.metrics.log(self.state.step, result, prefix="eval")
         return result
