@@ -59,13 +59,13 @@ def evaluate_classification(cfg, task, chunks: list, pg, corpus, phase=None) -> 
 
     Collective over all ranks; returns the metrics on last-stage ranks, None elsewhere.
     """
+    if not cfg.data.tokenizer:  # before any collective, so that every rank stops alike
+        raise ValueError("zero-shot classification needs data.tokenizer to write the class prompts")
     manifest = read_manifest(corpus.path, corpus.cache)
     classes, templates = manifest["classes"], manifest.get("templates") or list(cfg.eval.templates)
     emb = embed_corpora(cfg, task, chunks, pg, [corpus], phase)
     if emb is None:
         return None
-    if not cfg.data.tokenizer:
-        raise ValueError("zero-shot classification needs data.tokenizer to write the class prompts")
     text_len = phase.max_text_len if phase is not None else cfg.data.max_text_len
     names = class_embeddings(chunks[-1], CaptionTokenizer(cfg.data.tokenizer), classes, templates, text_len)
     name = corpus_label(corpus)
