@@ -100,13 +100,19 @@ def test_zero_shot_classification_matches_a_one_image_at_a_time_reference(dist, 
     assert result["pairs"] == 24  # the captioned corpus is still scored for retrieval
 
 
-def test_a_bad_eval_corpus_stops_the_run_at_setup_in_one_sentence(dist, stage1_corpus, tmp_path, caplog):
+@pytest.mark.parametrize("key, where, expected", [
+    ("eval.corpora", "nowhere", "nowhere"),
+    ("data.corpora", "labelled", "is a labelled (classify) corpus, which has no captions to train on"),
+])
+def test_a_wrong_corpus_stops_the_run_at_setup_in_one_sentence(dist, labelled, tmp_path, caplog, key, where,
+                                                               expected):
     from finevit.train import main
     from tiny_stage1 import tiny_overrides, DEMO_CONFIG
 
-    corpus, tokenizer = stage1_corpus
-    overrides = tiny_overrides(corpus, tokenizer, tmp_path / "bad", **{"eval.corpora": f"[{{path: {tmp_path}/nowhere}}]"})
+    corpus, tokenizer, path = labelled
+    bad = {"nowhere": tmp_path / "nowhere", "labelled": path}[where]
+    overrides = tiny_overrides(corpus, tokenizer, tmp_path / "bad", **{key: f"[{{path: {bad}}}]"})
     assert main.train(DEMO_CONFIG, overrides) == 2
     assert not (tmp_path / "bad" / "checkpoints").exists()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "nowhere" in errors[0]
+    assert len(errors) == 1 and expected in errors[0]

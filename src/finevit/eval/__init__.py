@@ -9,9 +9,10 @@ from finevit.eval.classify import evaluate_classification, zero_shot_accuracy
 from finevit.eval.retrieval import evaluate_retrieval, recall_at_k
 
 
-def eval_schemas(corpora: list) -> list[str]:
-    """The schema of each eval corpus; CorpusError (one sentence) for one that cannot be read,
-    so a run learns of a bad eval corpus at its start, not at its first evaluation."""
+def corpus_schemas(corpora: list) -> list[str]:
+    """The schema of each corpus (CorpusConfig) from its manifest; CorpusError (one sentence) for
+    one that cannot be read. The trainer calls it at setup, so a run learns of a bad eval corpus
+    at its start, not at its first evaluation."""
     return [read_manifest(c.path, c.cache)["schema"] for c in corpora]
 
 
@@ -22,7 +23,7 @@ def evaluate(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
     scored on its own (<name>_top1, ...). Collective over all ranks.
     """
     captioned, labelled = [], []
-    for corpus, schema in zip(cfg.eval.corpora, eval_schemas(cfg.eval.corpora)):
+    for corpus, schema in zip(cfg.eval.corpora, corpus_schemas(cfg.eval.corpora)):
         (labelled if schema == "classify" else captioned).append(corpus)
     results = []
     if captioned:
@@ -34,4 +35,4 @@ def evaluate(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
     return {k: v for r in results for k, v in r.items()}
 
 
-__all__ = ["eval_schemas", "evaluate", "evaluate_classification", "evaluate_retrieval", "recall_at_k", "zero_shot_accuracy"]
+__all__ = ["corpus_schemas", "evaluate", "evaluate_classification", "evaluate_retrieval", "recall_at_k", "zero_shot_accuracy"]

@@ -22,7 +22,8 @@ import yaml
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
-from finevit.eval import eval_schemas, evaluate
+from finevit.data.corpus import CorpusError
+from finevit.eval import corpus_schemas, evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
 from finevit.parallel.shards import canonical_parameters, load_full_state
@@ -67,7 +68,11 @@ class Trainer:
         self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self.phases = resolve_phases(cfg.schedule, cfg.data)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
-        eval_schemas(cfg.eval.corpora)
+        corpus_schemas(cfg.eval.corpora)
+        for corpus, schema in zip(cfg.data.corpora, corpus_schemas(cfg.data.corpora)):
+            if schema == "classify":
+                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
+                                  f"to train on: name it under eval.corpora")
         self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
                                    self.dp_size, seed=cfg.precision.seed)
         last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
