@@ -42,6 +42,11 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def default_name(path: str) -> str:
+    """A corpus's name in logs and metrics when its config gives none: the directory's name."""
+    return Path(path.rstrip("/")).name
+
+
 def write_manifest(out: str, schema: str, num_samples: int, **extra: Any) -> dict:
     # No timestamps or host names: two builds of the same data must be byte-identical.
     manifest = {"format": FORMAT_NAME, "schema": schema, "version": SCHEMAS[schema]["version"],
@@ -202,7 +207,7 @@ class Corpus:
         self.path, self.cache = path, cache
         self.manifest = read_manifest(path, cache)
         self.schema = check_manifest(self.manifest, path, expect_schema)
-        self.name = name or Path(path.rstrip("/")).name
+        self.name = name or default_name(path)
         from streaming import StreamingDataset
         remote = path if is_remote(path) or cache else None
         local = cache if remote else path.removeprefix("file://")

@@ -22,14 +22,14 @@ def evaluate(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
     Captioned corpora are pooled into one retrieval set (i2t_r1, ...); each classify corpus is
     scored on its own (<name>_top1, ...). Collective over all ranks.
     """
-    captioned, labelled = [], []
-    for corpus, schema in zip(cfg.eval.corpora, corpus_schemas(cfg.eval.corpora)):
-        (labelled if schema == "classify" else captioned).append(corpus)
+    manifests = [read_manifest(c.path, c.cache) for c in cfg.eval.corpora]
+    captioned = [c for c, m in zip(cfg.eval.corpora, manifests) if m["schema"] != "classify"]
     results = []
     if captioned:
         results.append(evaluate_retrieval(cfg, task, chunks, pg, captioned, phase))
-    for corpus in labelled:
-        results.append(evaluate_classification(cfg, task, chunks, pg, corpus, phase))
+    for corpus, manifest in zip(cfg.eval.corpora, manifests):
+        if manifest["schema"] == "classify":
+            results.append(evaluate_classification(cfg, task, chunks, pg, corpus, manifest, phase))
     if not results or results[0] is None:
         return None
     return {k: v for r in results for k, v in r.items()}

@@ -6,14 +6,13 @@ an image is assigned the classes whose embeddings are nearest to its own. The na
 the corpus brings them, the templates come from the corpus manifest; eval.templates otherwise.
 """
 
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from megatron.core.utils import unwrap_model
 
-from finevit.data.corpus import read_manifest
+from finevit.data.corpus import default_name
 from finevit.data.tokenizer import CaptionTokenizer
 from finevit.eval.embed import embed_corpora
 
@@ -49,26 +48,22 @@ def class_embeddings(chunk, tokenizer: CaptionTokenizer, classes: Sequence[str],
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def corpus_label(corpus) -> str:
-    """The name a corpus's metrics carry: CorpusConfig.name, else the directory's name."""
-    return corpus.name or os.path.basename(os.path.normpath(corpus.path))
-
-
-def evaluate_classification(cfg, task, chunks: list, pg, corpus, phase=None) -> Optional[dict]:
-    """{<name>_top1, <name>_top5, <name>_chance, <name>_images} on one classify corpus.
+def evaluate_classification(cfg, task, chunks: list, pg, corpus, manifest: dict,
+                            phase=None) -> Optional[dict]:
+    """{<name>_top1, <name>_top5, <name>_chance, <name>_images} on one classify corpus (its
+    CorpusConfig and manifest); <name> is the config's name, else the directory's.
 
     Collective over all ranks; returns the metrics on last-stage ranks, None elsewhere.
     """
     if not cfg.data.tokenizer:  # before any collective, so that every rank stops alike
         raise ValueError("zero-shot classification needs data.tokenizer to write the class prompts")
-    manifest = read_manifest(corpus.path, corpus.cache)
     classes, templates = manifest["classes"], manifest.get("templates") or list(cfg.eval.templates)
     emb = embed_corpora(cfg, task, chunks, pg, [corpus], phase)
     if emb is None:
         return None
     text_len = phase.max_text_len if phase is not None else cfg.data.max_text_len
     names = class_embeddings(chunks[-1], CaptionTokenizer(cfg.data.tokenizer), classes, templates, text_len)
-    name = corpus_label(corpus)
+    name = corpus.name or default_name(corpus.path)
     out = {f"{name}_{k}": v for k, v in zero_shot_accuracy(emb.images, names, emb.labels).items()}
     out[f"{name}_chance"] = 1.0 / len(classes)
     out[f"{name}_images"] = int(emb.images.shape[0])

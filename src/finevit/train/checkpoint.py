@@ -44,13 +44,14 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
+from finevit.config.validate import OPTIMIZER_FORMATS
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "finevit-ckpt-1"
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
-OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -201,6 +202,8 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
     _fail_after_model_save: test hook, called on every rank after the tensors are written and
         before the checkpoint is committed (raise from it to simulate a crash).
     """
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
     root = Path(run_ckpt_dir)
     final = root / step_dir_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -210,8 +213,6 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
         _clean_leftovers(root)
         tmp.mkdir()
     torch.distributed.barrier()
-    if optimizer_format not in OPTIMIZER_FORMATS:
-        raise ValueError(f"optimizer_format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
     if optimizer is not None:
         _materialize_adam_state(optimizer)  # a save before the first step needs it too
     with _in_process_write_queue():

@@ -57,6 +57,13 @@ class Trainer:
 
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        # Corpora first: a wrong path or a labelled corpus to train on fails in one sentence
+        # before any model is built, and an eval corpus before the first evaluation.
+        corpus_schemas(cfg.eval.corpora)
+        for corpus, schema in zip(cfg.data.corpora, corpus_schemas(cfg.data.corpora)):
+            if schema == "classify":
+                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
+                                  f"to train on: name it under eval.corpora")
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         self.pg = init_model_parallel(cfg.parallel, cfg.precision.seed)
         self.chunks = self._build_model()
@@ -68,11 +75,6 @@ class Trainer:
         self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self.phases = resolve_phases(cfg.schedule, cfg.data)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
-        corpus_schemas(cfg.eval.corpora)
-        for corpus, schema in zip(cfg.data.corpora, corpus_schemas(cfg.data.corpora)):
-            if schema == "classify":
-                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
-                                  f"to train on: name it under eval.corpora")
         self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
                                    self.dp_size, seed=cfg.precision.seed)
         last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
