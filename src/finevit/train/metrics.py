@@ -87,7 +87,7 @@ def report(run_dir: str) -> int:
     if not os.path.exists(path):
         print(f"finevit report: {path} does not exist (no step was logged in {run_dir})")
         return 1
-    rows = [json.loads(line) for line in open(path)]
+    rows = _latest_per_step(json.loads(line) for line in open(path))
     evals = [r for r in rows if r["kind"] == "eval"]
     train = [r for r in rows if r["kind"] == "train"]
     if train:
@@ -104,6 +104,13 @@ def report(run_dir: str) -> int:
               f"chance top-1 {evals[-1].get(name + '_chance', 0):.3f}):")
         _table(shown, (f"{name}_top1", f"{name}_top5"))
     return 0
+
+
+def _latest_per_step(rows) -> list:
+    """A resumed run logs again the steps after its checkpoint (and a run restarted without one
+    logs from step 0 again): the latest line of a step is the one that the run's state follows."""
+    latest = {(r["kind"], r["step"]): r for r in rows}
+    return sorted(latest.values(), key=lambda r: r["step"])
 
 
 def _table(rows: list, keys: tuple) -> None:
