@@ -26,13 +26,23 @@ def train(run_dir, nproc: int, *overrides: str) -> dict:
     return {r["step"]: r for r in rows if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("layout,nproc,micro", [("parallel.tensor=2", 2, 1),
-                                                ("parallel.pipeline=2", 2, 2)], ids=["tp2", "pp2"])
-def test_parallel_loss_curve_equals_single_process(stage1_corpus, tmp_path, layout, nproc, micro):
+@pytest.fixture(scope="module")
+def single_runs() -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("layout,nproc,micro", [
+    ("parallel.tensor=2", 2, 1),
+    ("parallel.tensor=2 parallel.sequence_parallel=true", 2, 1),  # as the 0.9b recipe runs
+    ("parallel.pipeline=2", 2, 2)], ids=["tp2", "tp2_sp", "pp2"])
+def test_parallel_loss_curve_equals_single_process(stage1_corpus, tmp_path, single_runs, layout, nproc,
+                                                   micro):
     corpus, tokenizer = map(str, stage1_corpus)
     common = (corpus, tokenizer, f"schedule.micro_batches_per_step={micro}")
-    reference = train(tmp_path / "single", 1, *common)
-    parallel = train(tmp_path / "parallel", nproc, *common, layout)
+    if micro not in single_runs:  # the reference of every layout with this micro-batching
+        single_runs[micro] = train(tmp_path / "single", 1, *common)
+    reference = single_runs[micro]
+    parallel = train(tmp_path / "parallel", nproc, *common, *layout.split())
     assert reference.keys() == parallel.keys() and len(reference) >= 4
     for step, ref in reference.items():
         got = parallel[step]

@@ -61,21 +61,28 @@ def test_resume_with_a_changed_learning_rate(make):
     groups = [g for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
               for g in o.optimizer.param_groups]
     assert {g["max_lr"] for g in groups} == {1e-3}
-    assert {g["tower"]: g["lr_mult"] for g in groups} == {"vision": 1.0, "text": 0.5}
+    assert {g["tower"]: g["lr_mult"] for g in groups} == {"vision": 1.0, "text": 0.5, "loss": 1.0}
 
 
-def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make):
+# overlap_grad_reduce: megatron reduces a bucket when all its parameters' hooks have fired, and the
+# frozen tower's never fire (the FineViT recipe runs frozen text with overlap on).
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync_reduce", "overlap_reduce"])
+def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make, overlap):
     phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze_text: true},"
               " {start_samples: 40, freeze_text: false, max_text_len: 64}]")
-    cfg = make("frozen", **{"schedule.phases": phases, "schedule.stop_after_steps": 3})
+    cfg = make("frozen", **{"schedule.phases": phases, "schedule.stop_after_steps": 3,
+                            "parallel.overlap_grad_reduce": overlap})
     trainer = Trainer(cfg, Stage1Task(cfg)).setup()
     try:
-        text0, vision0 = tower_params(trainer, "text"), tower_params(trainer, "vision")
+        text0, vision0, loss0 = (tower_params(trainer, t) for t in ("text", "vision", "loss"))
         trainer.train()
         assert trainer.state.phase == 0
-        text1, vision1 = tower_params(trainer, "text"), tower_params(trainer, "vision")
+        text1, vision1, loss1 = (tower_params(trainer, t) for t in ("text", "vision", "loss"))
         assert all(torch.equal(text0[n], text1[n]) for n in text0), "a frozen parameter moved"
         assert any(not torch.equal(vision0[n], vision1[n]) for n in vision0)
+        # The temperature and bias learn while the text tower is frozen (LiT).
+        assert sorted(n.split(".")[-1] for n in loss0) == ["logit_bias", "logit_scale"]
+        assert all(not torch.equal(loss0[n], loss1[n]) for n in loss0)
         # Entering the long-text phase stretches the 32 trained position rows over 64.
         table = next(c.text for c in trainer.chunks if c.text is not None).position_embeddings.weight
         rows = table[:32].detach().t().unsqueeze(0)  # [32, h] -> [1, h, 32]

@@ -19,8 +19,9 @@ class OptimizerConfig:
     # Per-tower LR multipliers (the text tower imported from SigLIP2 usually wants a smaller one).
     vision_lr_mult: float = 1.0
     text_lr_mult: float = 1.0
-    # Norm weights, biases, position tables and the logit scale/bias take no weight decay.
-    no_decay_1d: bool = True
+    # Only linear layers' matrices decay (big_vision's SigLIP rule): norms, biases, embedding
+    # tables, the pooling probe and the loss's temperature/bias do not. False: everything decays.
+    decay_matrices_only: bool = True
 
 
 @dataclass

@@ -27,7 +27,9 @@ from finevit.models.vision.build import build_vision_encoder
 from finevit.models.vision.encoder import FineViTEncoder
 from finevit.parallel.groups import solo_collection
 
-TOWER_ATTR = "finevit_tower"  # "vision" | "text" on every parameter: per-tower LR, freezing, norms
+# "vision" | "text" | "loss" on every parameter: per-tower LR, freezing, gradient norms. The loss's
+# temperature and bias are their own tower so that they keep learning while a tower is frozen.
+TOWER_ATTR = "finevit_tower"
 
 
 class SigLIPChunk(MegatronModule):
@@ -43,7 +45,7 @@ class SigLIPChunk(MegatronModule):
         self.pre_process, self.post_process = vision.pre_process, vision.post_process
         self.head, self.text, self.loss = head, text, loss
         self.text_frozen = False
-        for module, tower in ((vision, "vision"), (head, "vision"), (text, "text"), (loss, "text")):
+        for module, tower in ((vision, "vision"), (head, "vision"), (text, "text"), (loss, "loss")):
             for p in module.parameters() if module is not None else ():
                 setattr(p, TOWER_ATTR, tower)
 

@@ -16,7 +16,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -37,16 +37,49 @@ def wrap_ddp(chunks: list, parallel: ParallelConfig, pg: ProcessGroupCollection)
             # Only the first chunk's buckets may skip bucketing-related overlap: megatron's rule.
             disable_bucketing=i > 0))
     config = chunks[0].config
-    config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
+    config.finalize_model_grads_func = partial(_finalize_grads, pg_collection=pg)
     config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
+
+
+def _finalize_grads(model: list, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """megatron's finalize_model_grads, after marking the gradients no hook delivered as ready.
+
+    With overlap_grad_reduce a bucket is reduced once every parameter's backward hook has fired,
+    and megatron learns the expected set from the first step. A frozen text tower builds no
+    graph, so its hooks never fire: the first step's set is short of it (megatron asserts at the
+    next step), and after unfreezing the sets differ. Its gradients are zeros in the buffer, as
+    without overlap; declaring them ready here keeps the expected set whole in every phase.
+    """
+    for chunk in model:
+        if not chunk.ddp_config.overlap_grad_reduce:
+            continue
+        for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+            for param in group.params - group.per_param_grad_ready_counts.keys():
+                group.register_grad_ready(param, force_all_reduce)
+    finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+
+# Tables and learned queries are looked up, not multiplied: decaying them only shrinks them.
+NO_DECAY_NAMES = ("word_embeddings", "position_embeddings", "probe")
+
+
+def takes_weight_decay(param: torch.Tensor, name: str) -> bool:
+    """Only the matrices of linear (and patch-projection) layers decay, as in big_vision's SigLIP:
+    not norms, biases, embedding tables, the pooling probe or the loss's temperature and bias."""
+    if param.dim() < 2 or name.endswith("bias"):
+        return False
+    return not any(part in name for part in NO_DECAY_NAMES)
 
 
 def tower_overrides(optim: OptimizerConfig, towers: dict[str, float]) -> dict:
     """Param-group overrides: one group family per tower (tagged "tower", scaled by its LR
     multiplier) so the trainer can freeze a tower or log its gradient norm from the groups;
-    plus megatron's standard no-weight-decay for biases and 1-D parameters."""
+    plus no weight decay where `takes_weight_decay` says so."""
     overrides = {}
+    if optim.decay_matrices_only:
+        no_decay = ParamWithNamePredicate(name="no_decay", fn=lambda p, n: not takes_weight_decay(p, n))
+        overrides[ParamKey(with_name_predicate=no_decay)] = {"wd_mult": 0.0}
     for tower, mult in towers.items():
         match = ParamWithNamePredicate(
             name=f"tower_{tower}", fn=lambda p, n, t=tower: getattr(p, "finevit_tower", "vision") == t)
@@ -74,7 +107,6 @@ def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: Parallel
         use_distributed_optimizer=parallel.distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
-    overrides = get_standard_config_overrides(config) if optim.no_decay_1d else {}
-    overrides.update(tower_overrides(optim, towers or {"vision": optim.vision_lr_mult}))
+    overrides = tower_overrides(optim, towers or {"vision": optim.vision_lr_mult})
     return get_megatron_optimizer(config, ddp_chunks, config_overrides=overrides, pg_collection=pg,
                                   use_gloo_process_groups=False)

@@ -9,8 +9,8 @@ megatron's OptimizerParamScheduler is not used: it ignores a group's `lr_mult`, 
 first step at LR 0 during warmup, and has no pure function a test or a plot can call. We keep
 its per-group conventions, so groups built by `get_megatron_optimizer` behave as in megatron:
 `max_lr`/`min_lr` set the group's schedule, `lr_mult` scales it, and `wd_mult` scales weight
-decay (megatron applies `wd_mult`, which is 0 for biases and norms, only in the scheduler; a
-replacement must do the same or those parameters decay).
+decay (megatron applies `wd_mult`, 0 where train/optim.py:takes_weight_decay says so, only in
+the scheduler; a replacement must do the same or those parameters decay).
 """
 
 import bisect

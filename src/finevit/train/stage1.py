@@ -27,7 +27,7 @@ def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
 
 class Stage1Task:
     name = "stage1"
-    towers = ("vision", "text")
+    towers = ("vision", "text", "loss")
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -43,7 +43,7 @@ class Stage1Task:
 
     def lr_mults(self) -> dict:
         o = self.cfg.optimizer
-        return {"vision": o.vision_lr_mult, "text": o.text_lr_mult}
+        return {"vision": o.vision_lr_mult, "text": o.text_lr_mult, "loss": 1.0}
 
     # ------------------------------------------------------------------ a step
 
