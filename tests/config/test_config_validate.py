@@ -113,3 +113,11 @@ def test_zero_sizes_are_reported_not_divided_by():
         "parallel.pipeline=0 must be a positive integer",
         "data.max_tokens=0 must be a positive integer",
     ]
+
+
+def test_notes_say_that_accumulation_makes_separate_contrastive_groups():
+    from finevit.config.validate import notes
+
+    assert notes(load_config(None, ["schedule.micro_batches_per_step=1"])) == []
+    (note,) = notes(load_config(None, ["schedule.micro_batches_per_step=4"]))
+    assert "4 separate contrastive groups" in note and "not the loss of one 4x larger batch" in note

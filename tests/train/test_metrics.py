@@ -1,7 +1,10 @@
-"""`finevit report` over a run directory's metrics.jsonl."""
+"""Step metrics: the rates, the logger (stdout, metrics.jsonl, TensorBoard), `finevit report`."""
+
 import json
 
-from finevit.train.metrics import report
+import pytest
+
+from finevit.train.metrics import MetricsLogger, report, throughput
 
 
 def _write(run_dir, rows):
@@ -38,3 +41,36 @@ def test_report_keeps_the_latest_line_of_each_step_across_restarts(tmp_path, cap
 def test_report_without_metrics_says_so(tmp_path, capsys):
     assert report(str(tmp_path)) == 1
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_throughput_counts_global_work_over_every_gpu():
+    # Two steps of a DP=4 x TP=2 run (8 GPUs): counts are global (summed over the 4 replicas).
+    steps = [{"images": 40, "tokens": 900, "slots": 1000, "flops": 4e15},
+             {"images": 24, "tokens": 700, "slots": 1000, "flops": 4e15}]
+    out = throughput(steps, seconds=2.0, gpus=8, peak=1000.0)
+    assert out["images_per_s"] == 32 and out["tokens_per_s"] == 800
+    assert out["padding"] == pytest.approx(0.2)
+    assert out["tflops_per_gpu"] == pytest.approx(500.0)  # 8e15 FLOPs / 8 GPUs / 2 s
+    assert out["mfu"] == pytest.approx(0.5)
+    assert "mfu" not in throughput(steps, 2.0, 8)  # no known peak (CPU): no MFU
+
+
+def test_logger_writes_stdout_jsonl_and_tensorboard(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(str(tmp_path), enabled=True, tensorboard=True)
+    with caplog.at_level("INFO", logger="finevit.train"):
+        logger.log(3, {"loss": 1.25, "phase": 0, "note": "text"})
+    logger.close()
+    assert "train step 3 | loss 1.25 | phase 0 | note text" in caplog.text
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "kind": "train", "step": 3, "loss": 1.25, "phase": 0, "note": "text"}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/phase"]  # numbers only
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 1.25)]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    MetricsLogger(str(tmp_path), enabled=False).log(1, {"loss": 1.0})
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,11 @@ def make(dist, stage1_corpus, tmp_path):
 def test_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve(make, tmp_path):
     full = run(make("full"))
     reference = losses(tmp_path / "full")
+    row = next(r for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if r["kind"] == "train")
+    assert {  # what the logs promise (mfu needs a GPU's known peak)
+        "loss", "lr", "grad_norm", "grad_norm_vision", "grad_norm_text", "grad_norm_loss", "temperature",
+        "bias", "images_per_s", "tokens_per_s", "padding", "tflops_per_gpu", "contrastive_batch",
+        "contrastive_groups", "samples", "phase", "skipped_steps"} <= row.keys()
     assert full.state.consumed_samples >= 80 and {p for _, p, _ in reference.values()} == {0, 1}
     first = run(make("split", **{"schedule.stop_after_steps": 3}))
     assert first.state.step == 3 and first.state.phase == 0  # stopped before the phase switch

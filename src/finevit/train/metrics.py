@@ -25,6 +25,20 @@ def peak_tflops() -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def throughput(steps: list[dict], seconds: float, gpus: int, peak: Optional[float] = None) -> dict:
+    """Rates over `steps` (each with global counts: images, tokens, slots, model flops) that took
+    `seconds` on `gpus` GPUs. Model FLOPs per GPU count the model's arithmetic only (no
+    recomputation), so MFU compares layouts and clusters fairly."""
+    total = {k: sum(s[k] for s in steps) for k in ("images", "tokens", "slots", "flops")}
+    tflops = total["flops"] / gpus / seconds / 1e12
+    out = {"images_per_s": total["images"] / seconds, "tokens_per_s": total["tokens"] / seconds,
+           "padding": 1 - total["tokens"] / total["slots"] if total["slots"] else 0.0,
+           "tflops_per_gpu": tflops}
+    if peak:
+        out["mfu"] = tflops / peak
+    return out
+
+
 class Timers:
     """Wall time per named section, summed since the last `pop` (synchronising CUDA first)."""
 

@@ -28,6 +28,9 @@ def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
 class Stage1Task:
     name = "stage1"
     towers = ("vision", "text", "loss")
+    # Values the loss function logs per micro-batch -> step metric (mean over a step's groups):
+    # the contrastive batch, i.e. the pairs of one micro-batch across all data-parallel ranks.
+    step_metrics = {"pairs": "contrastive_batch"}
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -40,6 +43,14 @@ class Stage1Task:
         if parallel is None:
             self.pg = pg  # the groups the loss reduces over
         return build_siglip(self.cfg.model, parallel or self.cfg.parallel, pg, dtype=self.cfg.precision.dtype)
+
+    def batch_note(self, dp_size: int) -> str:
+        """What the contrastive batch is, logged at the start of a run."""
+        m, tokens = self.cfg.schedule.micro_batches_per_step, self.max_tokens
+        groups = "one contrastive group per step" if m == 1 else f"{m} separate contrastive groups per step"
+        return (f"contrastive batch: one packed micro-batch ({tokens} tokens) on each of {dp_size} "
+                f"data-parallel ranks, every image scored against every caption of the {dp_size}; "
+                f"{groups} (logged as contrastive_batch pairs and contrastive_groups)")
 
     def lr_mults(self) -> dict:
         o = self.cfg.optimizer
@@ -105,11 +116,13 @@ class Stage1Task:
             state.text_positions = phase.max_text_len
 
     def extra_metrics(self, chunks: list) -> dict:
-        """The loss's temperature and bias (on the last stage, where the loss lives)."""
+        """The loss's temperature and bias (on the last stage, where the loss lives), and how many
+        separate contrastive groups a step averages (one per micro-batch)."""
         loss = unwrap_model(chunks[-1]).loss
         if loss is None:
             return {}
-        out = {"temperature": float(loss.logit_scale.detach().exp())}
+        out = {"contrastive_groups": self.cfg.schedule.micro_batches_per_step,
+               "temperature": float(loss.logit_scale.detach().exp())}
         if loss.logit_bias is not None:
             out["bias"] = float(loss.logit_bias.detach())
         return out

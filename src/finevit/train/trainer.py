@@ -29,7 +29,7 @@ from finevit.parallel.groups import data_parallel_rank_and_size, init_model_para
 from finevit.parallel.shards import canonical_parameters, load_full_state
 from finevit.train import checkpoint as ckpt
 from finevit.train.forward_backward import forward_backward
-from finevit.train.metrics import MetricsLogger, Timers, peak_tflops
+from finevit.train.metrics import MetricsLogger, Timers, peak_tflops, throughput
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
 from finevit.train.state import TrainState, collect_common, next_batches, restore_common
@@ -84,6 +84,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
+            log.info(self.task.batch_note(self.dp_size))
             for note in notes(cfg):
                 log.warning(note)
         self._resume()
@@ -173,9 +174,12 @@ class Trainer:
         timers.start("data")
         batches = next_batches(self.loader, cfg.schedule.micro_batches_per_step, self.pg.tp)
         timers.stop("data")
+        # Every count of a step is global: summed over the data-parallel replicas (TP/PP peers
+        # hold the same batches, so the DP group is enough).
         counts = torch.tensor([sum(b.num_images for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.max_tokens for b in batches)], dtype=torch.float64)
-        torch.distributed.all_reduce(counts, group=self.pg.dp)  # TP/PP peers hold the same batches
+                               sum(b.max_tokens for b in batches), sum(self.task.flops(b) for b in batches)],
+                              dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=self.pg.dp)
         images = int(counts[0])
         lr = self.scheduler.apply(state.consumed_samples, images)
         set_frozen(self.optimizer, self.task.frozen(self.phases[state.phase]))
@@ -187,7 +191,8 @@ class Trainer:
         logs = forward_backward(self.ddp, [self.task.inputs(b) for b in batches], self.task.forward,
                                 self.pg, seq_length=cfg.data.max_tokens)
         timers.stop("forward_backward")
-        loss = self._pipeline_mean(logs, "loss")
+        means = self._pipeline_means(logs, ("loss", *self.task.step_metrics))
+        loss = means.pop("loss")
         timers.start("optimizer")
         result = None
         if math.isfinite(loss):  # identical on all ranks: the value came from the same all-reduce
@@ -208,19 +213,20 @@ class Trainer:
                     f"(last at step {state.step}); stopped with a checkpoint in {self.ckpt_dir}: lower "
                     "optimizer.lr, check the data, or resume from an earlier checkpoint")
         return {"loss": loss, "lr": lr, "images": images, "tokens": int(counts[1]),
-                "slots": int(counts[2]), "flops": sum(self.task.flops(b) for b in batches),
+                "slots": int(counts[2]), "flops": float(counts[3]),
                 "grad_norm": result.grad_norm if result else float("nan"),
-                "tower_norms": result.tower_norms if result else {}}
+                "tower_norms": result.tower_norms if result else {},
+                **{self.task.step_metrics[k]: v for k, v in means.items()}}
 
-    def _pipeline_mean(self, logs: list[dict], key: str) -> float:
-        """Mean of a logged value over the micro-batches, from the last stage to every rank."""
-        value = torch.tensor(0.0, dtype=torch.float64)
+    def _pipeline_means(self, logs: list[dict], keys: tuple) -> dict[str, float]:
+        """Means of logged values over the micro-batches, from the last stage to every rank."""
+        values = torch.zeros(len(keys), dtype=torch.float64)
         if logs:
-            value += float(sum(float(d[key]) for d in logs) / len(logs))
+            values += torch.tensor([sum(float(d[k]) for d in logs) / len(logs) for k in keys], dtype=torch.float64)
         if torch.cuda.is_available():
-            value = value.cuda()
-        torch.distributed.all_reduce(value, group=self.pg.pp)  # only the last stage is non-zero
-        return float(value)
+            values = values.cuda()
+        torch.distributed.all_reduce(values, group=self.pg.pp)  # only the last stage is non-zero
+        return dict(zip(keys, values.tolist()))
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor(float(self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))))
@@ -233,22 +239,14 @@ class Trainer:
 
     def _report(self, steps: list[dict]) -> None:
         times = self.timers.pop()
-        wall = sum(times.values())
-        slots = sum(s["slots"] for s in steps)
+        gpus = self.dp_size * self.pg.tp.size() * self.pg.pp.size()
         metrics = {"loss": steps[-1]["loss"], "lr": steps[-1]["lr"], "grad_norm": steps[-1]["grad_norm"],
                    **{f"grad_norm_{t}": n for t, n in steps[-1]["tower_norms"].items()},
-                   "images_per_s": sum(s["images"] for s in steps) / wall,
-                   "tokens_per_s": sum(s["tokens"] for s in steps) / wall,
-                   "padding": 1 - sum(s["tokens"] for s in steps) / slots if slots else 0.0,
+                   **throughput(steps, sum(times.values()), gpus, peak_tflops()),
+                   **{name: sum(s[name] for s in steps) / len(steps) for name in self.task.step_metrics.values()},
                    "samples": self.state.consumed_samples, "phase": self.state.phase,
                    "skipped_steps": self.state.skipped_steps,
                    **{f"time_{k}_s": v / len(steps) for k, v in times.items()}}
-        # Model FLOPs of this replica's batches; each of the tp*pp ranks does 1/(tp*pp) of them.
-        per_gpu = sum(s["flops"] for s in steps) / self.dp_size / wall / (self.pg.tp.size() * self.pg.pp.size())
-        metrics["tflops_per_gpu"] = per_gpu / 1e12
-        peak = peak_tflops()
-        if peak:
-            metrics["mfu"] = per_gpu / 1e12 / peak
         if self.reporting:
             metrics.update(self.task.extra_metrics(self.chunks))
         self.metrics.log(self.state.step, metrics)
