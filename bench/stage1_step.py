@@ -114,7 +114,7 @@ def step_split(steps: int, preset: str, budget: int) -> None:
     cuda = torch.cuda.is_available()
     base = "configs/stage1/finevit_0.9b.yaml" if preset == "finevit-0.9b" else "configs/stage1/demo_cpu.yaml"
     overrides = [f"data.corpora=[{{path: {work}/recaption/train}}]", f"data.tokenizer={work}/tok.model",
-                 "model.text.vocab_size=512", "eval.corpora=[]", "parallel.tensor=1",
+                 "model.text.vocab_size=512", "model.text.init_from=null", "eval.corpora=[]", "parallel.tensor=1",
                  "parallel.sequence_parallel=false", f"data.max_pixels={budget * budget}",
                  f"data.min_pixels={min(budget * budget, 50176)}", "schedule.phases=[]",
                  "schedule.train_samples=100000000", "schedule.warmup_samples=10",

@@ -80,6 +80,8 @@ CASES = [
     (["checkpoint.keep_last=0"], None, "checkpoint.keep_last=0 must be a positive integer"),
     (["checkpoint.optimizer_format=torch"], None,
      "checkpoint.optimizer_format='torch' is not one of fully_reshardable, dp_reshardable"),
+    (["checkpoint.load_weights_only=true"], None,
+     "checkpoint.load_weights_only=true needs checkpoint.load (the checkpoint to take the weights from)"),
     (["eval.templates=[a photo]"], None,
      "eval.templates=['a photo'] must be a non-empty list of prompts, each with one {} for the class name"),
 ]

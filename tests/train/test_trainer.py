@@ -157,3 +157,27 @@ def test_evaluation_reports_recall_on_the_heldout_split(make):
     finally:
         trainer.close()
     assert result["pairs"] == 24 and 0 <= result["i2t_r1"] <= result["i2t_r5"] <= 1
+
+
+def test_own_checkpoint_wins_over_checkpoint_load_and_weights_only_starts_afresh(make, tmp_path):
+    source = run(make("source", **{"schedule.stop_after_steps": 2}))
+    given = str(tmp_path / "source" / "checkpoints")
+    # Started from the source's step 2, then relaunched with the same command (a requeued job):
+    # the second launch resumes from its own step 4, not again from the source.
+    assert run(make("child", **{"checkpoint.load": given, "schedule.stop_after_steps": 2})).state.step == 4
+    assert run(make("child", **{"checkpoint.load": given, "schedule.stop_after_steps": 1})).state.step == 5
+    # Weights only: the source's weights, and a new run (step, samples, optimizer, schedule).
+    cfg = make("fresh", **{"checkpoint.load": given, "checkpoint.load_weights_only": True,
+                           "schedule.stop_after_steps": 1})
+    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
+    try:
+        assert (trainer.state.step, trainer.state.consumed_samples) == (0, 0)
+        assert trainer.state.text_positions == 32  # the source's trained rows
+        mine = {n: p for c in trainer.chunks for n, p in c.named_parameters()}
+        theirs = {n: p for c in source.chunks for n, p in c.named_parameters()}
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+        assert all(not s for opt in trainer.optimizer.chained_optimizers for s in opt.optimizer.state.values())
+        trainer.train()
+        assert trainer.state.step == 1
+    finally:
+        trainer.close()

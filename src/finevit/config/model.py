@@ -1,6 +1,7 @@
 """Model configuration: the architecture of each tower, independent of how it is parallelised."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -68,6 +69,10 @@ class TextConfig:
     pooling: str = "last"
     pad_id: int = 0
     init_std: float = 0.02
+    # A Hugging Face SigLIP / SigLIP2 model directory (config.json + safetensors) whose text tower
+    # initialises ours when a run starts from scratch (FineViT starts from SigLIP2's). The fields
+    # above must match it (checked at start), and data.tokenizer must be its sentencepiece model.
+    init_from: Optional[str] = None
 
     @property
     def head_dim(self) -> int:

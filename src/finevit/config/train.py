@@ -75,7 +75,11 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     save_interval: int = 1000  # steps
     keep_last: int = 3
-    load: Optional[str] = None  # explicit checkpoint to start from (else resume from dir if present)
+    # A checkpoint to start this run from. The run's own latest checkpoint wins once there is one,
+    # so a requeued or relaunched job resumes where it stopped (`finevit eval` evaluates `load`).
+    load: Optional[str] = None
+    # With `load`: take the model weights alone; optimizer, LR schedule and data start afresh.
+    load_weights_only: bool = False
     # Distributed-optimizer state on disk: "fully_reshardable" loads into any TP / PP layout but
     # all-gathers each model shard's state over DP while saving; "dp_reshardable" saves each
     # rank's slice with no communication and loads only into the same TP / PP layout.

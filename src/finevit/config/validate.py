@@ -217,6 +217,9 @@ def _runtime(cfg: Config) -> list[str]:
     out += _positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
     out += _one_of("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
     out += _positive("logging", cfg.logging, ("log_interval",))
+    if cfg.checkpoint.load_weights_only and not cfg.checkpoint.load:
+        out.append("checkpoint.load_weights_only=true needs checkpoint.load (the checkpoint to take "
+                   "the weights from)")
     if not cfg.logging.run_dir:
         out.append("logging.run_dir is empty")
     templates = cfg.eval.templates

@@ -33,7 +33,9 @@ With transformer-engine the layer norms are fused into the following linear
 `te_to_local` / `local_to_te` rename between the two specs.
 """
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -223,6 +225,54 @@ def te_to_local(state: Mapping[str, Any]) -> dict[str, Any]:
 def local_to_te(state: Mapping[str, Any]) -> dict[str, Any]:
     """Local spec names -> transformer-engine spec names (norm weights into the fused linears)."""
     return _rename_suffixes(state, _TE_NORMS)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face model directory (save_pretrained: config.json + safetensors)
+
+_MATCHED = ("vocab_size", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "norm_eps",
+            "pooling", "pad_id")
+
+
+def check_hf_text_dir(path: str, text: TextConfig, embed_dim: int) -> int:
+    """HF's number of position rows Q, after checking that `text` and `embed_dim` describe the
+    SigLIP(2) text tower saved in `path`; a mismatch is one sentence naming every difference."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"model.text.init_from={path} has no config.json: name a Hugging Face "
+                              "SigLIP or SigLIP2 model directory (as save_pretrained writes it).")
+    theirs, their_embed = text_config_from_hf(json.loads(config_file.read_text()))
+    diffs = [f"{k} {getattr(text, k)} here, {getattr(theirs, k)} there" for k in _MATCHED
+             if getattr(text, k) != getattr(theirs, k)]
+    if embed_dim != their_embed:
+        diffs.append(f"model.contrastive.embed_dim {embed_dim} here, projection_size {their_embed} there")
+    if text.max_positions < theirs.max_positions:
+        diffs.append(f"max_positions {text.max_positions} here, at least {theirs.max_positions} needed")
+    if diffs:
+        raise ConversionError(f"model.text does not match the text tower in {path}: {'; '.join(diffs)}.")
+    return theirs.max_positions
+
+
+def read_hf_text_dir(path: str) -> dict[str, torch.Tensor]:
+    """The text tower's tensors from a model directory's safetensors (one file or an index of
+    shards), reading only the text keys."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith(HF_PREFIX)})
+    else:
+        files = ["model.safetensors"]
+    if not all((root / f).is_file() for f in files):
+        raise ConversionError(f"{path} has no safetensors weights ({', '.join(files)}); save the "
+                              "model with save_pretrained(safe_serialization=True).")
+    state = {}
+    for f in files:
+        with safe_open(str(root / f), framework="pt") as shard:
+            state.update({k: shard.get_tensor(k) for k in shard.keys() if k.startswith(HF_PREFIX)})
+    return text_tower_state(state)
 
 
 @torch.no_grad()

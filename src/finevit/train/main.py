@@ -42,15 +42,21 @@ def make_task(cfg: Config, name: str):
     raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
 
 
-def _setup(trainer):
-    """The trainer set up, or None after one line saying which corpus cannot be read."""
+def _setup(trainer, evaluating: bool = False):
+    """The trainer set up, or None after one line saying which input cannot be used."""
+    from finevit.convert.qwen2_5_vl import ConversionError
     from finevit.data.corpus import CorpusError
+    from finevit.train.trainer import TrainingError
 
     try:
-        return trainer.setup()
+        return trainer.setup(evaluating)
     except CorpusError as e:
         log.error("data: %s", e)
-        return None
+    except ConversionError as e:
+        log.error("model: %s", e)
+    except TrainingError as e:
+        log.error("%s", e)
+    return None
 
 
 def train(config: str, overrides: list[str], task: str = "stage1") -> int:
@@ -84,7 +90,7 @@ def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
         return 2
     from finevit.train.trainer import Trainer
 
-    trainer = _setup(Trainer(cfg, make_task(cfg, task)))
+    trainer = _setup(Trainer(cfg, make_task(cfg, task)), evaluating=True)
     if trainer is None:
         return 2
     try:

@@ -7,16 +7,22 @@ micro_batches_per_step > 1 (gradient accumulation or pipeline micro-batches) a s
 losses of that many separate contrastive groups; config validation says so when it applies.
 """
 
+import logging
 from typing import Optional
 
 import torch
 from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
+from finevit.convert.siglip_text import check_hf_text_dir, load_hf_text, read_hf_text_dir
+from finevit.data.corpus import CorpusError
 from finevit.data.packing import PackedBatch
+from finevit.eval import corpus_schemas
 from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
 from finevit.train.schedules import ResolvedPhase
+
+log = logging.getLogger("finevit.train")
 
 
 def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
@@ -43,6 +49,30 @@ class Stage1Task:
         if parallel is None:
             self.pg = pg  # the groups the loss reduces over
         return build_siglip(self.cfg.model, parallel or self.cfg.parallel, pg, dtype=self.cfg.precision.dtype)
+
+    def preflight(self) -> None:
+        """Checks of the inputs before anything is built: one sentence each."""
+        for corpus, schema in zip(self.cfg.data.corpora, corpus_schemas(self.cfg.data.corpora)):
+            if schema == "classify":
+                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
+                                  f"to train on: name it under eval.corpora")
+        text = self.cfg.model.text
+        if text.init_from:
+            self.hf_positions = check_hf_text_dir(text.init_from, text, self.cfg.model.contrastive.embed_dim)
+
+    def init_weights(self, chunks: list, state) -> bool:
+        """A run from scratch: the text tower from model.text.init_from when set (returns whether
+        weights were loaded). Its Q position rows count as trained (a longer phase stretches them)."""
+        path = self.cfg.model.text.init_from
+        if not path:
+            return False
+        hf_state = read_hf_text_dir(path) if any(unwrap_model(c).text is not None for c in chunks) else {}
+        for chunk in chunks:
+            if unwrap_model(chunk).text is not None:
+                load_hf_text(unwrap_model(chunk).text, hf_state)
+        state.text_positions = self.hf_positions  # on every rank, text tower or not
+        log.info("text tower initialised from %s (%d position rows)", path, self.hf_positions)
+        return True
 
     def batch_note(self, dp_size: int) -> str:
         """What the contrastive batch is, logged at the start of a run."""

@@ -22,7 +22,6 @@ import yaml
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
-from finevit.data.corpus import CorpusError
 from finevit.eval import corpus_schemas, evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
@@ -55,15 +54,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> "Trainer":
+    def setup(self, evaluating: bool = False) -> "Trainer":
+        """Build everything and resume. `evaluating` (`finevit eval`): the run directory is only
+        read (its config.yaml stays the training run's), and a checkpoint must exist."""
         cfg = self.cfg
-        # Corpora first: a wrong path or a labelled corpus to train on fails in one sentence
-        # before any model is built, and an eval corpus before the first evaluation.
+        # Inputs first: a wrong corpus path, a labelled corpus to train on or a wrong initial
+        # checkpoint fails in one sentence before any model is built.
         corpus_schemas(cfg.eval.corpora)
-        for corpus, schema in zip(cfg.data.corpora, corpus_schemas(cfg.data.corpora)):
-            if schema == "classify":
-                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
-                                  f"to train on: name it under eval.corpora")
+        self.task.preflight()
+        if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
+            raise TrainingError(f"checkpoint.load={cfg.checkpoint.load} is not a directory: name a "
+                                "checkpoint (a step_* directory or a checkpoints directory)")
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         self.pg = init_model_parallel(cfg.parallel, cfg.precision.seed)
         self.chunks = self._build_model()
@@ -80,14 +81,14 @@ class Trainer:
         last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
         self.reporting = last_stage and self.pg.tp.rank() == 0 and self.dp_rank == 0
         self.metrics = MetricsLogger(self.run_dir, self.reporting, cfg.logging.tensorboard)
-        if torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() == 0 and not evaluating:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             log.info(self.task.batch_note(self.dp_size))
             for note in notes(cfg):
                 log.warning(note)
-        self._resume()
+        self._resume(evaluating)
         self._enter_phase(phase_at(self.phases, self.state.consumed_samples)[0], announce=True)
         self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         return self
@@ -112,9 +113,27 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
-    def _resume(self) -> None:
-        path = self.cfg.checkpoint.load or ckpt.find_latest(self.ckpt_dir)
+    def _resume(self, evaluating: bool = False) -> None:
+        """The run's own latest checkpoint, else checkpoint.load (a requeued job must not restart
+        from the run's starting point), else the task's initial weights. `finevit eval` takes
+        checkpoint.load first: it names what to evaluate."""
+        own, given = ckpt.find_latest(self.ckpt_dir), self.cfg.checkpoint.load
+        if given and ckpt.find_latest(given) is not None:  # a checkpoints directory: its latest
+            given = ckpt.find_latest(given)
+        path = (given or own) if evaluating else (own or given)
         if path is None:
+            if evaluating:
+                raise TrainingError(f"there is no checkpoint in {self.ckpt_dir} to evaluate: train "
+                                    "first, or name one with checkpoint.load=PATH")
+            if self.task.init_weights(self.chunks, self.state):
+                self.optimizer.reload_model_params()  # fp32 main copies follow the imported weights
+            return
+        if path is given and self.cfg.checkpoint.load_weights_only:
+            common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg, load_optimizer=False)
+            # A new run (schedule, data and optimizer from the start) on the loaded weights, which
+            # keep their trained text positions.
+            self.state = TrainState(text_positions=common["train"].get("text_positions", 0))
+            log.info("started from the weights of %s", path)
             return
         # Match the checkpoint's param groups under the settings it was saved with, then put
         # this run's settings (a changed LR or multiplier is allowed) back.
