@@ -39,7 +39,7 @@ def job(slurm, stage1_corpus, run_dir: Path) -> subprocess.Popen:
            "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", "--cpus-per-task=2",
+    cmd = ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", "--cpus-per-task=2", f"--job-name={run_dir.name}",
            f"--output={run_dir}.out", SCRIPT, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -68,7 +68,9 @@ def test_requeued_job_resumes_and_matches_the_uninterrupted_job(slurm, stage1_co
     while time.time() < deadline and len(train_rows(tmp_path / "requeued")) < 3:
         assert requeued.poll() is None, "the job ended before it could be signalled"
         time.sleep(0.5)
-    job_id = slurm.scontrol("show", "job", "-o").split("JobId=")[-1].split()[0]
+    # sbatch --wait prints the id only when it exits (stdout is a pipe): find the job by name.
+    (line,) = [j for j in slurm.scontrol("show", "job", "-o").splitlines() if " JobName=requeued " in j]
+    job_id = line.split("JobId=")[1].split()[0]
     # What --signal=B:USR1@<s> does shortly before the time limit, now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, check=True)
     finish(requeued, tmp_path / "requeued")

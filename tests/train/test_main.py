@@ -15,9 +15,10 @@ def test_eval_reads_the_run_and_needs_a_checkpoint(dist, stage1_corpus, tmp_path
     assert "there is no checkpoint in" in caplog.text and not (tmp_path / "run" / "config.yaml").exists()
     assert main.train(DEMO_CONFIG, overrides) == 0
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert main.evaluate(DEMO_CONFIG, overrides + ["optimizer.lr=0.005", "eval.max_samples=8"]) == 0
+    assert main.evaluate(DEMO_CONFIG, overrides + ["optimizer.lr=0.005", "eval.max_samples=7"]) == 0
     assert (tmp_path / "run" / "config.yaml").read_text() == saved  # still the training run's
-    assert "i2t_r1=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "i2t_r1=" in out and "pairs=7 " in out  # exactly eval.max_samples, though batches are packed
 
 
 def test_a_missing_checkpoint_to_load_is_one_line(dist, stage1_corpus, tmp_path, caplog):

@@ -53,6 +53,9 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve(make, t
     assert full.state.consumed_samples >= 80 and {p for _, p, _ in reference.values()} == {0, 1}
     first = run(make("split", **{"schedule.stop_after_steps": 3}))
     assert first.state.step == 3 and first.state.phase == 0  # stopped before the phase switch
+    switch = min(step for step, (_, phase, _) in reference.items() if phase == 1)
+    second = run(make("split", **{"schedule.stop_after_steps": switch - 3 + 1}))
+    assert second.state.phase == 1 and second.state.step == switch + 1  # and once after it
     resumed = run(make("split"))
     assert resumed.state.step == full.state.step
     assert losses(tmp_path / "split") == reference  # same losses, phases and samples, bit for bit
@@ -113,13 +116,19 @@ def test_crash_during_save_leaves_the_previous_checkpoint_in_use(make, tmp_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make("crash", **{"checkpoint.save_interval": 2}), _fail_after_model_save=crash)
     assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    # A crash while saving step 2 again, between setting the old copy aside and moving the new
+    # one in: the old copy is used, and put back by the next save.
+    ckpts = tmp_path / "crash" / "checkpoints"
+    (ckpts / "step_000002").rename(ckpts / "step_000002.trash")
     resumed = Trainer(make("crash", **{"schedule.stop_after_steps": 1}), None)
     resumed.task = Stage1Task(resumed.cfg)
     resumed.setup()
     try:
         assert resumed.state.step == 2
+        resumed.train()
     finally:
         resumed.close()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000003"]
 
 
 def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(make, tmp_path, monkeypatch):

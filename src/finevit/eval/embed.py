@@ -29,7 +29,7 @@ class Embedded:
 def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Optional[Embedded]:
     """Embeddings of `corpora` (CorpusConfig list) over all DP ranks; collective over all ranks.
 
-    Returns them on last-stage ranks, None elsewhere. eval.max_samples caps the images read.
+    Returns them on last-stage ranks, None elsewhere. eval.max_samples caps the images embedded.
     """
     data = dataclasses.replace(cfg.data, corpora=list(corpora))
     dp_size = pg.dp.size()
@@ -41,10 +41,12 @@ def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Opt
     for chunk in chunks:
         chunk.eval()
     pairs, labels = [], []
+    # eval.max_samples exactly: packed batches overshoot, so each rank cuts its rows to its share.
     limit = cfg.eval.max_samples
+    quota = None if limit is None else limit // dp_size + int(pg.dp.rank() < limit % dp_size)
     try:
         for batch in loader:
-            if limit is not None and sum(len(x) for x in labels) >= -(-limit // dp_size):
+            if quota is not None and sum(len(x) for x in labels) >= quota:
                 break
             labels.append(batch.labels)
             forward_backward(chunks, [task.inputs(batch, captions=batch.text_ids is not None)],
@@ -57,6 +59,7 @@ def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Opt
     if pg.pp.rank() != pg.pp.size() - 1:
         return None
     local = (_cat([p[0] for p in pairs]), _cat([p[1] for p in pairs if p[1] is not None]), _cat(labels))
+    local = tuple(x if x is None or quota is None else x[:quota] for x in local)
     gathered = [None] * dp_size
     torch.distributed.all_gather_object(gathered, local, group=pg.dp)
     images, texts, labels = (_cat([g[i] for g in gathered]) for i in range(3))

@@ -59,6 +59,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+TRASH = ".trash"  # a step directory set aside while the same step is saved again
+
+
 def _is_rank0() -> bool:
     return torch.distributed.get_rank() == 0
 
@@ -84,6 +87,9 @@ def find_latest(run_ckpt_dir) -> Optional[Path]:
         target = root / pointer.read_text().strip()
         if _is_complete(target):
             return target
+        parked = target.with_name(target.name + TRASH)
+        if (parked / META_FILE).is_file():  # a re-save of it stopped between its two renames
+            return parked
         logger.warning("%s names '%s', which is not a complete checkpoint; falling back to "
                        "the newest complete one", pointer, target.name)
     done = complete_checkpoints(root)
@@ -168,7 +174,11 @@ def _gather_rank_states(rank_state, pg: ProcessGroupCollection) -> list:
 def _clean_leftovers(root: Path) -> None:
     """Remove interrupted saves (rank 0, before a new save starts)."""
     for p in root.iterdir():
-        if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".trash")):
+        original = p.with_name(p.name.removesuffix(TRASH))
+        if p.name.endswith(TRASH) and not original.exists() and (p / META_FILE).is_file():
+            logger.info("restoring %s, set aside by a re-save that was interrupted", original)
+            p.rename(original)
+        elif p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(TRASH)):
             logger.info("removing leftover %s from an interrupted save", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -177,11 +187,11 @@ def _commit(root: Path, tmp: Path, final: Path, keep_last: Optional[int]) -> Non
     """Rank 0: tmp -> final, then the pointer, then pruning. Each step leaves a loadable state."""
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. after resuming at it): keep it until replaced
-        final.rename(final.with_name(final.name + ".trash"))
+        final.rename(final.with_name(final.name + TRASH))
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST, final.name + "\n")
-    shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + TRASH), ignore_errors=True)
     if keep_last and keep_last > 0:
         for old in complete_checkpoints(root)[:-keep_last]:
             if old != final:

@@ -142,7 +142,10 @@ class Stage1Task:
             for chunk in chunks:
                 if unwrap_model(chunk).text is not None:
                     unwrap_model(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
-            optimizer.reload_model_params()  # main (fp32) copies must follow the stretched rows
+            # The fp32 main copies must follow the stretched rows. With bf16 parameters this also
+            # rounds every other main weight to its bf16 value once: less than one bf16 step, and
+            # invisible to the forward pass, which computes with the bf16 values anyway.
+            optimizer.reload_model_params()
             state.text_positions = phase.max_text_len
 
     def extra_metrics(self, chunks: list) -> dict:
