@@ -49,3 +49,20 @@ def test_parallel_loss_curve_equals_single_process(stage1_corpus, tmp_path, sing
         assert got["samples"] == ref["samples"]
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5), f"step {step}"
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3, abs=1e-5), f"step {step}"
+
+
+def test_a_tp2_checkpoint_resumes_under_tp1_on_the_same_curve(stage1_corpus, tmp_path, single_runs):
+    """The dual tower (vision, head, text, loss) and its optimizer reshard from TP=2 to TP=1."""
+    corpus, tokenizer = map(str, stage1_corpus)
+    common = (corpus, tokenizer, "schedule.micro_batches_per_step=1")
+    if 1 not in single_runs:
+        single_runs[1] = train(tmp_path / "single", 1, *common)
+    reference = single_runs[1]
+    first = train(tmp_path / "run", 2, *common, "parallel.tensor=2", "schedule.stop_after_steps=3")
+    assert max(first) == 3
+    resumed = train(tmp_path / "run", 1, *common)
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert steps == sorted(reference)  # resumed at step 4, not started again
+    for step in sorted(reference)[3:]:
+        assert resumed[step]["samples"] == reference[step]["samples"]
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4, abs=1e-5), f"step {step}"

@@ -3,6 +3,7 @@ during a checkpoint save, the non-finite loss guard, evaluation."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +73,22 @@ def test_resume_with_a_changed_learning_rate(make):
     assert {g["tower"]: g["lr_mult"] for g in groups} == {"vision": 1.0, "text": 0.5, "loss": 1.0}
 
 
+def largest_in_batches(trainer, n=8) -> tuple[int, int]:
+    """(pixels of the largest image, tokens of the longest caption) in the next n batches."""
+    pixels, tokens = 0, 0
+    for _ in range(n):
+        batch = next(trainer.loader)
+        pixels = max(pixels, int((batch.grid_thw[:, 1] * batch.grid_thw[:, 2]).max()) * 14 * 14)
+        tokens = max(tokens, int(batch.text_lengths.max()))
+    return pixels, tokens
+
+
 # overlap_grad_reduce: megatron reduces a bucket when all its parameters' hooks have fired, and the
 # frozen tower's never fire (the FineViT recipe runs frozen text with overlap on).
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync_reduce", "overlap_reduce"])
 def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make, overlap):
     phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze_text: true},"
-              " {start_samples: 40, freeze_text: false, max_text_len: 64}]")
+              " {start_samples: 40, freeze_text: false, max_pixels: 12544, max_text_len: 64}]")
     cfg = make("frozen", **{"schedule.phases": phases, "schedule.stop_after_steps": 3,
                             "parallel.overlap_grad_reduce": overlap})
     trainer = Trainer(cfg, Stage1Task(cfg)).setup()
@@ -95,9 +106,13 @@ def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make, overlap):
         table = next(c.text for c in trainer.chunks if c.text is not None).position_embeddings.weight
         rows = table[:32].detach().t().unsqueeze(0)  # [32, h] -> [1, h, 32]
         expected = F.interpolate(rows, size=64, mode="linear", align_corners=True)[0].t()
+        pixels, tokens = largest_in_batches(trainer)
+        assert 3136 < pixels <= 6272 and tokens == 32  # demo captions are longer than 32 tokens
         trainer._enter_phase(1)
         assert trainer.state.text_positions == 64
         torch.testing.assert_close(table[:64].detach(), expected, rtol=0, atol=1e-6)
+        pixels, tokens = largest_in_batches(trainer)  # the loader follows the phase
+        assert 6272 < pixels <= 12544 and 32 < tokens <= 64
         cfg.schedule.stop_after_steps = None
         trainer.train()
         assert trainer.state.phase == 1
@@ -156,6 +171,27 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(make, tmp_path
     finally:
         trainer.close()
     assert (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def test_a_non_finite_gradient_skips_that_step_only(make):
+    cfg = make("infgrad", **{"schedule.stop_after_steps": 3})  # 1 + 3 steps
+    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
+    try:
+        name, param = next((n, p) for n, p in trainer.chunks[0].named_parameters() if "linear_fc1.weight" in n)
+        calls = []
+        # The loss stays finite; one vision gradient overflows in the first step's backward.
+        param.register_hook(lambda g: (calls.append(1), g * math.inf if len(calls) == 1 else g)[1])
+        before = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
+        trainer.train_step()
+        assert (trainer.state.skipped_steps, trainer.state.bad_in_a_row) == (1, 1)
+        assert all(torch.equal(before[n], p) for n, p in trainer.chunks[0].named_parameters())  # no tower moved
+        trainer.train()
+        assert (trainer.state.step, trainer.state.skipped_steps, trainer.state.bad_in_a_row) == (4, 1, 0)
+        assert not torch.equal(before[name], param)
+    finally:
+        trainer.close()
+    rows = losses(Path(trainer.run_dir))
+    assert all(math.isfinite(loss) for loss, _, _ in rows.values())
 
 
 def test_evaluation_reports_recall_on_the_heldout_split(make):
