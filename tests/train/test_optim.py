@@ -1,6 +1,7 @@
 """Parameter groups of the stage-1 optimizer: which parameters decay, which tower each is in."""
 
 import pytest
+import torch
 
 from finevit.train.optim import takes_weight_decay
 from finevit.train.stage1 import Stage1Task
@@ -10,13 +11,41 @@ from tiny_stage1 import tiny_config
 
 
 @pytest.fixture
-def trainer(dist, stage1_corpus, tmp_path):
+def make_trainer(dist, stage1_corpus, tmp_path):
     corpus, tokenizer = stage1_corpus
-    cfg = tiny_config(corpus, tokenizer, tmp_path / "run", **{"optimizer.weight_decay": 0.1})
-    t = Trainer(cfg, Stage1Task(cfg)).setup()
+    made = []
+
+    def make(**extra):
+        cfg = tiny_config(corpus, tokenizer, tmp_path / f"run{len(made)}", **extra)
+        made.append(Trainer(cfg, Stage1Task(cfg)).setup())
+        return made[-1]
+    yield make
+    for t in made:
+        t.close()
+
+
+@pytest.fixture
+def trainer(make_trainer):
+    t = make_trainer(**{"optimizer.weight_decay": 0.1})
     t.scheduler.apply(0, 1)  # sets each group's weight_decay from its wd_mult
-    yield t
-    t.close()
+    return t
+
+
+def main_weights(optimizer) -> list:
+    return [p for opt in optimizer.chained_optimizers for g in opt.optimizer.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["distributed_optimizer", "optimizer"])
+def test_stretching_text_positions_in_bf16_reloads_only_that_tables_main_weights(make_trainer, distributed):
+    trainer = make_trainer(**{"precision.dtype": "bf16", "parallel.distributed_optimizer": distributed})
+    for _ in range(2):  # fp32 main weights drift below bf16 precision
+        trainer.train_step()
+    before = [p.detach().clone() for p in main_weights(trainer.optimizer)]
+    trainer._enter_phase(1)  # 32 -> 64 text positions
+    table = trainer.chunks[-1].text.position_embeddings.weight
+    changed = [(b, p) for b, p in zip(before, main_weights(trainer.optimizer)) if not torch.equal(b, p)]
+    assert sum(p.numel() for _, p in changed) == table.numel()  # the table's main weight(s) only
+    assert torch.equal(torch.cat([p.view(-1) for _, p in changed]).bfloat16(), table.detach().view(-1))
 
 
 def test_only_linear_matrices_take_weight_decay(trainer):

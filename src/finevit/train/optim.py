@@ -110,3 +110,28 @@ def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: Parallel
     overrides = tower_overrides(optim, towers or {"vision": optim.vision_lr_mult})
     return get_megatron_optimizer(config, ddp_chunks, config_overrides=overrides, pg_collection=pg,
                                   use_gloo_process_groups=False)
+
+
+@torch.no_grad()
+def reload_main_params(optimizer, params: list) -> None:
+    """Copy these model parameters into their fp32 main copies after changing them in place.
+
+    megatron's `reload_model_params` re-derives every main weight from its bf16 model weight,
+    which discards what each main weight holds below bf16 precision; this touches only `params`.
+    It walks the (float16 model group, fp32 main group) pairs the way megatron's own reload does.
+    """
+    targets = {id(p) for p in params}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed optimizer: main shards
+            pairs = zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups)
+            for model_group, main_group in pairs:
+                for model, main in zip(model_group, main_group):
+                    if id(model) in targets:
+                        span = opt._get_model_param_range_map(model)["param"]
+                        main.copy_(model.view(-1)[span.start:span.end])
+        elif hasattr(opt, "fp32_from_float16_groups"):  # whole fp32 copies
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for model, main in zip(model_group, main_group):
+                    if id(model) in targets:
+                        main.copy_(model)
+        # fp32 model parameters are their own main weights (or views of them): nothing to copy.

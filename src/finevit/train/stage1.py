@@ -20,6 +20,7 @@ from finevit.data.packing import PackedBatch
 from finevit.eval import corpus_schemas
 from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
+from finevit.train.optim import reload_main_params
 from finevit.train.schedules import ResolvedPhase
 
 log = logging.getLogger("finevit.train")
@@ -139,13 +140,12 @@ class Stage1Task:
         if state.text_positions == 0:  # a fresh run: the first phase's rows are the trained ones
             state.text_positions = phase.max_text_len
         elif phase.max_text_len > state.text_positions:
+            tables = []
             for chunk in chunks:
                 if unwrap_model(chunk).text is not None:
                     unwrap_model(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
-            # The fp32 main copies must follow the stretched rows. With bf16 parameters this also
-            # rounds every other main weight to its bf16 value once: less than one bf16 step, and
-            # invisible to the forward pass, which computes with the bf16 values anyway.
-            optimizer.reload_model_params()
+                    tables.append(unwrap_model(chunk).text.position_embeddings.weight)
+            reload_main_params(optimizer, tables)  # the fp32 main copy must follow the stretched rows
             state.text_positions = phase.max_text_len
 
     def extra_metrics(self, chunks: list) -> dict:

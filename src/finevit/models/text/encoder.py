@@ -99,7 +99,7 @@ class TextEncoder(MegatronModule):
         relative meaning instead of leaving rows old_len.. untrained. The table keeps its shape
         (max_positions rows), so optimizer state and distributed checkpoints stay valid. With
         mixed precision the optimizer holds fp32 main copies: call this before the optimizer is
-        built, or reload them afterwards (megatron's `optimizer.reload_model_params()`).
+        built, or reload the table's afterwards (`finevit.train.optim.reload_main_params`).
         """
         if not 1 <= old_len <= new_len <= self.text.max_positions:
             raise ValueError(f"cannot stretch {old_len} positions over {new_len} "
