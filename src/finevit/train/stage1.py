@@ -44,6 +44,7 @@ class Stage1Task:
         self.max_tokens = cfg.data.max_tokens
         self.text_len = cfg.data.max_text_len  # the phase's text length (pad target for "last")
         self.pg = None
+        self.hf_positions = None  # position rows of model.text.init_from's tower (preflight reads it)
 
     def build(self, pg, parallel=None) -> list:
         """This rank's chunks; `parallel` overrides cfg.parallel (a canonical TP=1, PP=1 copy)."""
@@ -80,7 +81,7 @@ class Stage1Task:
         m, tokens = self.cfg.schedule.micro_batches_per_step, self.max_tokens
         groups = "one contrastive group per step" if m == 1 else f"{m} separate contrastive groups per step"
         return (f"contrastive batch: one packed micro-batch ({tokens} tokens) on each of {dp_size} "
-                f"data-parallel ranks, every image scored against every caption of the {dp_size}; "
+                f"data-parallel ranks, every image scored against the captions of all {dp_size}; "
                 f"{groups} (logged as contrastive_batch pairs and contrastive_groups)")
 
     def lr_mults(self) -> dict:

@@ -118,9 +118,10 @@ class Trainer:
         from the run's starting point), else the task's initial weights. `finevit eval` takes
         checkpoint.load first: it names what to evaluate."""
         own, given = ckpt.find_latest(self.ckpt_dir), self.cfg.checkpoint.load
-        if given and ckpt.find_latest(given) is not None:  # a checkpoints directory: its latest
-            given = ckpt.find_latest(given)
-        path = (given or own) if evaluating else (own or given)
+        if given:
+            given = ckpt.find_latest(given) or given  # a checkpoints directory: its latest
+        use_given = bool(given) and (evaluating or own is None)
+        path = given if use_given else own
         if path is None:
             if evaluating:
                 raise TrainingError(f"there is no checkpoint in {self.ckpt_dir} to evaluate: train "
@@ -128,7 +129,7 @@ class Trainer:
             if self.task.init_weights(self.chunks, self.state):
                 self.optimizer.reload_model_params()  # fp32 main copies follow the imported weights
             return
-        if path is given and self.cfg.checkpoint.load_weights_only:
+        if use_given and self.cfg.checkpoint.load_weights_only:
             common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg, load_optimizer=False)
             # A new run (schedule, data and optimizer from the start) on the loaded weights, which
             # keep their trained text positions.
