@@ -10,7 +10,7 @@ import torch
 
 from finevit.data.corpus import CorpusWriter, open_corpus
 from finevit.data.demo import demo_record
-from finevit.data.loader import PackedLoader
+from finevit.data.loader import BadSampleBudget, PackedLoader
 from finevit.data.schema import validate_record
 from finevit.data.state import StateError
 
@@ -114,6 +114,44 @@ def test_bad_samples_are_skipped_counted_and_ranks_stay_in_step(corpus_with_bad_
     assert sorted(seen) == sorted(f"fi-train-{i:07d}" for i in range(12) if i not in (3, 8))
     assert sum(ld.skipped["corrupt_image"] + ld.skipped["box_outside"] for ld in loaders) == 2
     assert "fi-train-0000003" in caplog.text
+
+
+def write_recaption(path, n: int, bad) -> str:
+    """A recaption corpus of n demo records whose images at the indexes `bad(i)` selects are cut."""
+    with CorpusWriter(path, "recaption") as w:
+        for i in range(n):
+            rec = validate_record("recaption", demo_record(3, "recaption", "train", i)[0])
+            if bad(i):
+                rec["image"] = rec["image"][:100]
+            w.write(rec)
+    return path
+
+
+def test_a_rank_whose_every_sample_fails_stops_after_the_first_n(tmp_path, small_config):
+    with open_corpus(write_recaption(str(tmp_path / "c"), 40, lambda i: True)) as corpus:
+        cfg = small_config(shuffle_algo="none")
+        cfg.bad_samples.first = 8
+        loader = PackedLoader([corpus], cfg, dp_rank=1, dp_size=2)
+        with pytest.raises(BadSampleBudget) as err:
+            next(loader)  # an endless loader would otherwise go round the corpus forever
+    assert loader.skipped == {"corrupt_image": 8}
+    assert str(err.value).startswith("all of the first 8 samples on data-parallel rank 1 could not be "
+                                     "used (corrupt_image 8; last: re-train-0000015: corrupt_image: ")
+    assert str(err.value).endswith("fix the corpus or the paths, or change data.bad_samples.first")
+
+
+def test_too_many_failures_among_recent_samples_stop_the_loader(tmp_path, small_config):
+    # Good samples first, then 3 of every 4 fail: 6 of a 10-sample window are allowed,
+    # 6 of 10 is not.
+    with open_corpus(write_recaption(str(tmp_path / "c"), 60, lambda i: i >= 20 and i % 4 != 0)) as corpus:
+        cfg = small_config(shuffle_algo="none")
+        cfg.bad_samples.window, cfg.bad_samples.max_fraction = 10, 0.6
+        with pytest.raises(BadSampleBudget, match=r"^7 of the last 10 samples on data-parallel rank 0 "
+                                                  r"could not be used \(corrupt_image 7; last: re-train-0000029"):
+            take(PackedLoader([corpus], cfg), 60)
+        cfg.bad_samples.max_fraction = 0.8  # 8 of 10 is within this budget: one epoch reads through
+        loader = PackedLoader([corpus], cfg, epochs=1)
+        assert sum(b.num_images for b in loader) == 20 + 10 and loader.skipped == {"corrupt_image": 30}
 
 
 def test_finite_epochs_and_refused_states(recap, heldout, finecap, small_config):

@@ -37,6 +37,19 @@ class AugmentConfig:
 
 
 @dataclass
+class BadSampleConfig:
+    """When skipping unreadable samples means the data, not a sample, is broken: the run stops
+    with the reasons instead of looping over a corpus it cannot read. Counted per data-parallel
+    rank, from the start of each launch."""
+
+    window: int = 1000  # recent samples the failure share is measured over
+    # Stop when more than this share of the last `window` samples failed (1.0: never).
+    max_fraction: float = 0.25
+    # Stop when each of the first `first` samples failed (0: never), long before a full window.
+    first: int = 50
+
+
+@dataclass
 class DataConfig:
     corpora: list[CorpusConfig] = field(default_factory=list)
     # Samples per epoch when corpora carry weights; default: the sum of the corpus sizes.
@@ -58,6 +71,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # sentencepiece .model for the captions (stage 1)
     max_text_len: int = 256  # caption tokens kept per image (phases may use fewer)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)
 
     def problems(self) -> list[str]:
         """One sentence per invalid data setting (called from config.validate)."""
@@ -80,6 +94,13 @@ class DataConfig:
                 out.append(f"data.{key}={getattr(self, key)} must be a positive integer")
         if self.shuffle_algo not in SHUFFLE_ALGOS:
             out.append(f"data.shuffle_algo='{self.shuffle_algo}' is not one of {', '.join(SHUFFLE_ALGOS)}")
+        bad = self.bad_samples
+        if bad.window < 1:
+            out.append(f"data.bad_samples.window={bad.window} must be a positive integer")
+        if not 0.0 < bad.max_fraction <= 1.0:
+            out.append(f"data.bad_samples.max_fraction={bad.max_fraction} must lie in (0, 1]")
+        if bad.first < 0:
+            out.append(f"data.bad_samples.first={bad.first} must not be negative (0 turns the check off)")
         if not 0.0 <= self.augment.hflip_prob <= 1.0:
             out.append(f"data.augment.hflip_prob={self.augment.hflip_prob} must lie in [0, 1]")
         return out

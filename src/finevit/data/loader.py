@@ -23,7 +23,9 @@ shared memory among the processes of a node; it never decides which rank reads w
 
 A sample that cannot be read (undecodable image, bad box, missing caption, I/O error) is skipped,
 counted by reason and logged with its id; it still counts as consumed, so ranks never disagree
-about positions and every rank always yields its next batch.
+about positions and every rank always yields its next batch. Skipping has a budget
+(data.bad_samples): when too many recent samples fail, or every one since the start, the loader
+raises BadSampleBudget with the reasons and counts instead of reading on.
 """
 
 import logging
@@ -33,7 +35,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finevit.config.data import DataConfig
+from finevit.config.data import BadSampleConfig, DataConfig
 from finevit.data.corpus import Corpus, open_corpus
 from finevit.data.packing import PackedBatch, Packer, Sample, collate
 from finevit.data.preprocess import PatchSpec, Preprocessor
@@ -43,6 +45,42 @@ from finevit.data.state import STATE_VERSION, Phase, StateError, check_states, r
 from finevit.data.tokenizer import CaptionTokenizer
 
 log = logging.getLogger("finevit.data")
+
+
+class BadSampleBudget(RuntimeError):
+    """Too many samples of this rank could not be used (data.bad_samples); one sentence."""
+
+
+class _SkipBudget:
+    """The bad-sample budget of one rank since the loader started (see BadSampleConfig)."""
+
+    def __init__(self, cfg: BadSampleConfig, dp_rank: int):
+        self.cfg, self.dp_rank = cfg, dp_rank
+        self.recent: deque = deque(maxlen=cfg.window)  # reason, or None for a good sample
+        self.seen = self.good = 0
+        self.last_error = ""
+
+    def record(self, sample_id: str, error: Optional[str]) -> None:
+        self.seen += 1
+        self.good += error is None
+        self.recent.append(None if error is None else error.split(":", 1)[0])
+        if error is not None:
+            self.last_error = f"{sample_id}: {error}"
+            self._check()
+
+    def _check(self) -> None:
+        cfg = self.cfg
+        if 0 < cfg.first == self.seen and self.good == 0:
+            self._fail(f"all of the first {self.seen} samples", list(self.recent), "first")
+        bad = [r for r in self.recent if r is not None]
+        if len(self.recent) == cfg.window and len(bad) > cfg.max_fraction * cfg.window:
+            self._fail(f"{len(bad)} of the last {cfg.window} samples", bad, "max_fraction")
+
+    def _fail(self, what: str, reasons: list, knob: str) -> None:
+        counts = ", ".join(f"{r} {n}" for r, n in Counter(reasons).most_common())
+        raise BadSampleBudget(
+            f"{what} on data-parallel rank {self.dp_rank} could not be used ({counts}; last: "
+            f"{self.last_error}); fix the corpus or the paths, or change data.bad_samples.{knob}")
 
 
 class _Reader(Dataset):
@@ -158,6 +196,7 @@ class PackedLoader:
         self.images = int(counters.get("images", 0))
         self.tokens = int(counters.get("tokens", 0))
         self._new_skips: list = []
+        self._budget = _SkipBudget(self.cfg.bad_samples, self.dp_rank)
         self._it, self._exhausted = None, False
 
     def _start(self) -> Iterator[Sample]:
@@ -186,12 +225,14 @@ class PackedLoader:
         if s.error is None and s.num_tokens > self.cfg.max_tokens:
             s.error = f"too_many_tokens: {s.num_tokens} tokens exceed data.max_tokens={self.cfg.max_tokens}"
         if s.error is None:
+            self._budget.record(s.id, None)
             self.packer.add(s)
             return
         reason = s.error.split(":", 1)[0]
         self.skipped[reason] += 1
         self._new_skips.append((s.id, reason))
         log.warning("skipped sample %s (corpus %s, position %d): %s", s.id, self.corpora[s.corpus].name, s.key, s.error)
+        self._budget.record(s.id, s.error)  # may raise BadSampleBudget
 
     def __iter__(self) -> "PackedLoader":
         return self

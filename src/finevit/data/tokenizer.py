@@ -5,6 +5,7 @@ bos 2, eos 3; `encode` appends eos so a caption decoder learns where to stop.
 """
 
 import io
+import os
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -52,6 +53,25 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
     with open(model_path, "wb") as f:
         f.write(buf.getvalue())
     return count[0]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; one sentence."""
+
+
+def check_tokenizer(path: str, key: str = "data.tokenizer") -> int:
+    """The number of pieces of the sentencepiece model at `path`, or TokenizerError saying why it
+    cannot be loaded (a run must learn this before it starts, not from every sample failing)."""
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise TokenizerError(f"{key}={path} {what}: name a sentencepiece .model file "
+                             "(data_tools/train_tokenizer.py trains one from a corpus)")
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=path).get_piece_size()
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError / others
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{key}={path} is not a sentencepiece model ({detail})") from None
 
 
 class CaptionTokenizer:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from finevit.config.data import BadSampleConfig
 from finevit.data import PatchSpec, build_loader
 from finevit.train.forward_backward import forward_backward
 
@@ -31,7 +32,10 @@ def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Opt
 
     Returns them on last-stage ranks, None elsewhere. eval.max_samples caps the images embedded.
     """
-    data = dataclasses.replace(cfg.data, corpora=list(corpora))
+    # No bad-sample budget: ranks stopping on their own would leave their peers in a collective;
+    # an evaluation reads a finite split and reports what it skipped.
+    data = dataclasses.replace(cfg.data, corpora=list(corpora),
+                               bad_samples=BadSampleConfig(max_fraction=1.0, first=0))
     dp_size = pg.dp.size()
     loader = build_loader(data, PatchSpec.from_vision(cfg.model.vision), pg.dp.rank(), dp_size,
                           seed=cfg.precision.seed, epochs=1)

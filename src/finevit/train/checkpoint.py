@@ -1,15 +1,7 @@
 """Atomic, reshardable training checkpoints on megatron's dist_checkpointing (torch_dist format).
 
-Layout of a run's checkpoint directory:
-
-    <dir>/latest               name of the newest complete checkpoint ("step_000123"), replaced
-                               atomically (write a temp file, os.replace) after each save
-    <dir>/step_000123/         one complete checkpoint:
-        .metadata, __*_*.distcp, metadata.json   dist_checkpointing: model + optimizer tensors
-        trainer_state.pt       the trainer's `common` dict and every rank's `rank_state`
-        meta.json              step, layout, format; written last, so it marks completeness
-    <dir>/step_000124.tmp/     a save in progress (or interrupted): never read, removed by the
-                               next save
+What a checkpoint directory holds, and how it is read without running code from it, is in
+finevit/checkpointing/files.py.
 
 Every rank writes its shards into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N/`
 and only then points `latest` at it, so a crash at any moment leaves the previous checkpoint
@@ -32,7 +24,6 @@ import logging
 import os
 import queue
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -44,56 +35,17 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
+from finevit.checkpointing import files
+from finevit.checkpointing.files import (  # noqa: F401 - the trainer reads them from here
+    FORMAT, LATEST, META_FILE, STATE_FILE, TRASH, complete_checkpoints, find_latest, read_meta, step_dir_name)
 from finevit.config.validate import OPTIMIZER_FORMATS
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "finevit-ckpt-1"
-LATEST = "latest"
-STATE_FILE = "trainer_state.pt"
-META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-TRASH = ".trash"  # a step directory set aside while the same step is saved again
 
 
 def _is_rank0() -> bool:
     return torch.distributed.get_rank() == 0
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / META_FILE).is_file()
-
-
-def complete_checkpoints(run_ckpt_dir) -> list[Path]:
-    """Complete checkpoint directories, oldest first (by step number, not name)."""
-    root = Path(run_ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def find_latest(run_ckpt_dir) -> Optional[Path]:
-    """The checkpoint `latest` names; the newest complete one if the pointer is missing or bad."""
-    root = Path(run_ckpt_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if _is_complete(target):
-            return target
-        parked = target.with_name(target.name + TRASH)
-        if (parked / META_FILE).is_file():  # a re-save of it stopped between its two renames
-            return parked
-        logger.warning("%s names '%s', which is not a complete checkpoint; falling back to "
-                       "the newest complete one", pointer, target.name)
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -232,10 +184,7 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
         _fail_after_model_save()
     rank_states = _gather_rank_states(rank_state, pg)
     if _is_rank0():
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save({"common": common, "rank_states": rank_states}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_state(tmp / STATE_FILE, {"common": common, "rank_states": rank_states})
         meta = {"format": FORMAT, "step": step, "time": time.time(),
                 "layout": _layout(model_chunks, pg),
                 "optimizer": optimizer_format if optimizer is not None else None}
@@ -250,11 +199,7 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
 
 def read_common(path) -> dict:
     """The trainer's `common` dict of a checkpoint, without loading any tensor shard."""
-    return torch.load(Path(path) / STATE_FILE, weights_only=False)["common"]
-
-
-def read_meta(path) -> dict:
-    return json.loads((Path(path) / META_FILE).read_text())
+    return files.read_state(path)["common"]
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -347,10 +292,10 @@ def load_checkpoint(path, model_chunks: list, optimizer, pg: ProcessGroupCollect
     Build the optimizer for the phase in force at the checkpoint (same frozen towers) first:
     its parameters must match the saved optimizer state.
     """
-    path = Path(path)
+    path = files.check_complete(Path(path))
+    files.verify_loadable(path)  # before megatron unpickles anything of it
+    state = files.read_state(path)
     meta = read_meta(path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format: {meta.get('format')})")
     with_optimizer = optimizer is not None and load_optimizer
     if with_optimizer and meta.get("optimizer") is None:
         raise ValueError(f"{path} holds no optimizer state; load with load_optimizer=False")
@@ -374,7 +319,6 @@ def load_checkpoint(path, model_chunks: list, optimizer, pg: ProcessGroupCollect
             # The optimizer's fp32 main copies must follow the loaded weights, or the next step
             # would write the initial weights back.
             optimizer.reload_model_params()
-    state = torch.load(path / STATE_FILE, weights_only=False)
     common = dict(state["common"])
     common.update(rank_states=state["rank_states"], saved_layout=meta["layout"])
     common.setdefault("step", meta["step"])
@@ -398,8 +342,11 @@ def saved_rank_state(common: dict, pg: ProcessGroupCollection):
 
 
 def rng_state() -> dict:
-    """This rank's random generators, megatron's tensor-parallel RNG tracker included."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This rank's random generators, megatron's tensor-parallel RNG tracker included, as
+    tensors and plain data (numpy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
              "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -409,7 +356,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():

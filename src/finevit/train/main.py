@@ -44,20 +44,26 @@ def make_task(cfg: Config, name: str):
 
 def _setup(trainer, evaluating: bool = False):
     """The trainer set up, or None after one line saying which input cannot be used."""
+    from finevit.checkpointing.files import CheckpointError
     from finevit.convert.qwen2_5_vl import ConversionError
     from finevit.data.corpus import CorpusError
+    from finevit.train.preflight import InputError
     from finevit.train.trainer import TrainingError
 
     try:
         return trainer.setup(evaluating)
+    except InputError as e:
+        for problem in e.problems:
+            log.error("%s", problem)
     except CorpusError as e:
         log.error("data: %s", e)
     except ConversionError as e:
         log.error("model: %s", e)
+    except CheckpointError as e:
+        log.error("checkpoint: %s", e)
     except TrainingError as e:
         log.error("%s", e)
     return None
-
 
 def train(config: str, overrides: list[str], task: str = "stage1") -> int:
     cfg = load(config, overrides)

@@ -14,9 +14,9 @@ import torch
 from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
-from finevit.convert.siglip_text import check_hf_text_dir, load_hf_text, read_hf_text_dir
-from finevit.data.corpus import CorpusError
+from finevit.convert.siglip_text import ConversionError, check_hf_text_dir, load_hf_text, read_hf_text_dir
 from finevit.data.packing import PackedBatch
+from finevit.data.tokenizer import check_tokenizer
 from finevit.eval import corpus_schemas
 from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
@@ -52,15 +52,28 @@ class Stage1Task:
             self.pg = pg  # the groups the loss reduces over
         return build_siglip(self.cfg.model, parallel or self.cfg.parallel, pg, dtype=self.cfg.precision.dtype)
 
-    def preflight(self) -> None:
-        """Checks of the inputs before anything is built: one sentence each."""
+    def preflight(self) -> list[str]:
+        """Stage 1's own input problems (after the common checks of train/preflight.py), one
+        sentence each."""
+        out = []
         for corpus, schema in zip(self.cfg.data.corpora, corpus_schemas(self.cfg.data.corpora)):
             if schema == "classify":
-                raise CorpusError(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
-                                  f"to train on: name it under eval.corpora")
+                out.append(f"{corpus.path} is a labelled (classify) corpus, which has no captions "
+                           f"to train on: name it under eval.corpora")
+        tokenizer, vocab = self.cfg.data.tokenizer, self.cfg.model.text.vocab_size
+        if not tokenizer:
+            out.append("data.tokenizer is not set: stage 1 tokenises captions (and class prompts) with "
+                       "a sentencepiece model (data_tools/train_tokenizer.py trains one)")
+        elif check_tokenizer(tokenizer) > vocab:
+            out.append(f"data.tokenizer={tokenizer} has {check_tokenizer(tokenizer)} pieces but "
+                       f"model.text.vocab_size={vocab}: set model.text.vocab_size to at least that")
         text = self.cfg.model.text
         if text.init_from:
-            self.hf_positions = check_hf_text_dir(text.init_from, text, self.cfg.model.contrastive.embed_dim)
+            try:
+                self.hf_positions = check_hf_text_dir(text.init_from, text, self.cfg.model.contrastive.embed_dim)
+            except ConversionError as e:
+                out.append(str(e))
+        return out
 
     def init_weights(self, chunks: list, state) -> bool:
         """A run from scratch: the text tower from model.text.init_from when set (returns whether

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from finevit.data.loader import BadSampleBudget
 from finevit.train import checkpoint as ckpt
 
 
@@ -44,12 +45,22 @@ def gather_objects(obj, group=None) -> list:
 
 def next_batches(loader, n: int, tp_group) -> list:
     """The step's n micro-batches. Only tensor-parallel rank 0 reads them; its TP peers receive a
-    copy, so a node decodes each image once per pipeline stage instead of once per TP rank."""
+    copy, so a node decodes each image once per pipeline stage instead of once per TP rank.
+
+    A BadSampleBudget raised by the reading rank is raised on its TP peers too (they would
+    otherwise wait for batches that never come)."""
     if tp_group.size() == 1:
         return [next(loader) for _ in range(n)]
-    box = [[next(loader) for _ in range(n)] if tp_group.rank() == 0 else None]
+    box = [None]
+    if tp_group.rank() == 0:
+        try:
+            box = [[next(loader) for _ in range(n)]]
+        except BadSampleBudget as e:
+            box = [e]
     torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(tp_group, 0),
                                             group=tp_group)
+    if isinstance(box[0], BadSampleBudget):
+        raise box[0]
     return box[0]
 
 

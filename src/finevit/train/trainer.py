@@ -22,7 +22,8 @@ import yaml
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
-from finevit.eval import corpus_schemas, evaluate
+from finevit.checkpointing.files import resolve as resolve_checkpoint
+from finevit.eval import evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
 from finevit.parallel.shards import canonical_parameters, load_full_state
@@ -30,8 +31,10 @@ from finevit.train import checkpoint as ckpt
 from finevit.train.forward_backward import forward_backward
 from finevit.train.metrics import MetricsLogger, Timers, peak_tflops, throughput
 from finevit.train.optim import build_optimizer, wrap_ddp
+from finevit.train.preflight import check_inputs
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
-from finevit.train.state import TrainState, collect_common, next_batches, restore_common
+from finevit.data.loader import BadSampleBudget
+from finevit.train.state import TrainState, collect_common, gather_objects, next_batches, restore_common
 from finevit.train.step import group_settings, optimizer_step, saved_group_settings, set_frozen, set_group_settings
 
 log = logging.getLogger("finevit.train")
@@ -50,6 +53,9 @@ class Trainer:
         self.state = TrainState()
         self.timers = Timers()
         self._signalled = False
+        self._saved_step = 0  # the step of the last checkpoint saved or resumed from
+        # Collectives of the default backend need tensors where it lives (NCCL: the GPU).
+        self._device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self._save_hooks: dict = {}  # tests: {"_fail_after_model_save": callable}
 
     # ------------------------------------------------------------------ setup
@@ -58,13 +64,8 @@ class Trainer:
         """Build everything and resume. `evaluating` (`finevit eval`): the run directory is only
         read (its config.yaml stays the training run's), and a checkpoint must exist."""
         cfg = self.cfg
-        # Inputs first: a wrong corpus path, a labelled corpus to train on or a wrong initial
-        # checkpoint fails in one sentence before any model is built.
-        corpus_schemas(cfg.eval.corpora)
-        self.task.preflight()
-        if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
-            raise TrainingError(f"checkpoint.load={cfg.checkpoint.load} is not a directory: name a "
-                                "checkpoint (a step_* directory or a checkpoints directory)")
+        # Every input first (one sentence each), before any process group or model exists.
+        check_inputs(cfg, self.task)
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         self.pg = init_model_parallel(cfg.parallel, cfg.precision.seed)
         self.chunks = self._build_model()
@@ -89,6 +90,7 @@ class Trainer:
             for note in notes(cfg):
                 log.warning(note)
         self._resume(evaluating)
+        self._saved_step = self.state.step  # nothing of this launch to save yet
         self._enter_phase(phase_at(self.phases, self.state.consumed_samples)[0], announce=True)
         self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         return self
@@ -119,7 +121,7 @@ class Trainer:
         checkpoint.load first: it names what to evaluate."""
         own, given = ckpt.find_latest(self.ckpt_dir), self.cfg.checkpoint.load
         if given:
-            given = ckpt.find_latest(given) or given  # a checkpoints directory: its latest
+            given = resolve_checkpoint(given)  # a checkpoints or run directory: its latest
         use_given = bool(given) and (evaluating or own is None)
         path = given if use_given else own
         if path is None:
@@ -192,13 +194,13 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, state, timers = self.cfg, self.state, self.timers
         timers.start("data")
-        batches = next_batches(self.loader, cfg.schedule.micro_batches_per_step, self.pg.tp)
+        batches = self._read_batches()
         timers.stop("data")
         # Every count of a step is global: summed over the data-parallel replicas (TP/PP peers
         # hold the same batches, so the DP group is enough).
         counts = torch.tensor([sum(b.num_images for b in batches), sum(b.num_tokens for b in batches),
                                sum(b.max_tokens for b in batches), sum(self.task.flops(b) for b in batches)],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=self._device)
         torch.distributed.all_reduce(counts, group=self.pg.dp)
         images = int(counts[0])
         lr = self.scheduler.apply(state.consumed_samples, images)
@@ -238,20 +240,39 @@ class Trainer:
                 "tower_norms": result.tower_norms if result else {},
                 **{self.task.step_metrics[k]: v for k, v in means.items()}}
 
+    def _read_batches(self) -> list:
+        """The step's micro-batches. When any rank's loader ran out of its bad-sample budget, every
+        rank stops (the others would wait in this step's collectives): a checkpoint first if this
+        launch trained since the last one, then TrainingError with the reasons."""
+        error = None
+        try:
+            batches = next_batches(self.loader, self.cfg.schedule.micro_batches_per_step, self.pg.tp)
+        except BadSampleBudget as e:
+            error, batches = str(e), None
+        flag = torch.tensor([float(error is not None)], device=self._device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return batches
+        errors = [e for e in gather_objects(error) if e]
+        saved = ""
+        if self.state.step != self._saved_step:
+            self.save()
+            saved = f"; stopped with a checkpoint of step {self.state.step} in {self.ckpt_dir}"
+        more = f" (and on {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
+        raise TrainingError(f"data: {errors[0]}{more}{saved}")
+
     def _pipeline_means(self, logs: list[dict], keys: tuple) -> dict[str, float]:
         """Means of logged values over the micro-batches, from the last stage to every rank."""
         values = torch.zeros(len(keys), dtype=torch.float64)
         if logs:
             values += torch.tensor([sum(float(d[k]) for d in logs) / len(logs) for k in keys], dtype=torch.float64)
-        if torch.cuda.is_available():
-            values = values.cuda()
+        values = values.to(self._device)
         torch.distributed.all_reduce(values, group=self.pg.pp)  # only the last stage is non-zero
         return dict(zip(keys, values.tolist()))
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))))
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = torch.tensor(float(self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))),
+                            device=self._device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -279,6 +300,7 @@ class Trainer:
                              optimizer_format=self.cfg.checkpoint.optimizer_format,
                              keep_last=self.cfg.checkpoint.keep_last,
                              rank_state={"rng": ckpt.rng_state()}, **self._save_hooks)
+        self._saved_step = self.state.step
 
     def evaluate(self) -> Optional[dict]:
         result = evaluate(self.cfg, self.task, self.ddp, self.pg, self.phases[self.state.phase])

@@ -1,0 +1,1 @@
+"""Checkpoint files, readable without megatron or the trainer (see files.py)."""
