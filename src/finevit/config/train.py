@@ -84,6 +84,9 @@ class CheckpointConfig:
     # all-gathers each model shard's state over DP while saving; "dp_reshardable" saves each
     # rank's slice with no communication and loads only into the same TP / PP layout.
     optimizer_format: str = "fully_reshardable"
+    # A run directory has one owner (RUN_DIR/owner.lock, see train/run_lock.py). A lock left by a
+    # job on another machine is taken over once its heartbeat has not moved for this long.
+    owner_stale_s: float = 60.0
 
 
 @dataclass

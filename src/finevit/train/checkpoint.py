@@ -154,6 +154,7 @@ def _commit(root: Path, tmp: Path, final: Path, keep_last: Optional[int]) -> Non
 def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, common: dict,
                     pg: ProcessGroupCollection, keep_last: Optional[int] = None,
                     rank_state=None, optimizer_format: str = OPTIMIZER_FORMATS[0],
+                    may_commit: Optional[Callable[[], bool]] = None,
                     _fail_after_model_save: Optional[Callable[[], None]] = None) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint directory.
 
@@ -161,6 +162,8 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
         taken from rank 0. rank_state: this rank's own picklable state (RNG, data loader);
         all ranks' are gathered so that a run with another layout can still read them.
     optimizer_format: one of OPTIMIZER_FORMATS (see the module docstring).
+    may_commit: asked on rank 0 just before the checkpoint becomes visible; False leaves it an
+        unfinished .tmp (a job that no longer owns its run directory must not move `latest`).
     _fail_after_model_save: test hook, called on every rank after the tensors are written and
         before the checkpoint is committed (raise from it to simulate a crash).
     """
@@ -191,8 +194,11 @@ def save_checkpoint(run_ckpt_dir, step: int, model_chunks: list, optimizer, comm
         _write_atomic(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
     torch.distributed.barrier()  # every shard is on disk before the rename makes it visible
     if _is_rank0():
-        _commit(root, tmp, final, keep_last)
-        logger.info("saved checkpoint %s in %.1f s", final, time.time() - started)
+        if may_commit is None or may_commit():
+            _commit(root, tmp, final, keep_last)
+            logger.info("saved checkpoint %s in %.1f s", final, time.time() - started)
+        else:
+            logger.error("checkpoint %s left unfinished: this job no longer owns the run directory", tmp)
     torch.distributed.barrier()  # nobody reads `latest` before it is updated
     return final
 

@@ -32,6 +32,7 @@ from finevit.train.forward_backward import forward_backward
 from finevit.train.metrics import MetricsLogger, Timers, peak_tflops, throughput
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.preflight import check_inputs
+from finevit.train.run_lock import RunLock, RunLockError
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
 from finevit.data.loader import BadSampleBudget
 from finevit.train.state import TrainState, collect_common, gather_objects, next_batches, restore_common
@@ -56,6 +57,7 @@ class Trainer:
         self._saved_step = 0  # the step of the last checkpoint saved or resumed from
         # Collectives of the default backend need tensors where it lives (NCCL: the GPU).
         self._device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self._lock: Optional[RunLock] = None
         self._save_hooks: dict = {}  # tests: {"_fail_after_model_save": callable}
 
     # ------------------------------------------------------------------ setup
@@ -67,6 +69,28 @@ class Trainer:
         # Every input first (one sentence each), before any process group or model exists.
         check_inputs(cfg, self.task)
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+        self._lock = None if evaluating else self._own_run_dir()
+        try:
+            return self._build(evaluating)
+        except BaseException:
+            self.close()
+            raise
+
+    def _own_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 takes the run directory's lock; every rank stops if another job holds it."""
+        lock, box = None, [None]
+        if torch.distributed.get_rank() == 0:
+            try:
+                lock = RunLock(self.run_dir, self.cfg.checkpoint.owner_stale_s).acquire()
+            except RunLockError as e:
+                box = [str(e)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise TrainingError(box[0])
+        return lock
+
+    def _build(self, evaluating: bool) -> "Trainer":
+        cfg = self.cfg
         self.pg = init_model_parallel(cfg.parallel, cfg.precision.seed)
         self.chunks = self._build_model()
         if torch.cuda.is_available():
@@ -271,10 +295,14 @@ class Trainer:
         return dict(zip(keys, values.tolist()))
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))),
-                            device=self._device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        stop = self._signalled or os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE))
+        lost = self._lock is not None and self._lock.lost is not None
+        flags = torch.tensor([float(stop), float(lost)], device=self._device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[1].item():  # another job took the run directory over: write nothing more
+            raise TrainingError(f"this job no longer owns {self.run_dir} and stops without a checkpoint: "
+                                f"{self._lock.lost if lost else 'rank 0 lost its lock'}")
+        return bool(flags[0].item())
 
     # ------------------------------------------------------------------ reporting, saving
 
@@ -299,7 +327,8 @@ class Trainer:
         ckpt.save_checkpoint(self.ckpt_dir, self.state.step, self.ddp, self.optimizer, common, self.pg,
                              optimizer_format=self.cfg.checkpoint.optimizer_format,
                              keep_last=self.cfg.checkpoint.keep_last,
-                             rank_state={"rng": ckpt.rng_state()}, **self._save_hooks)
+                             rank_state={"rng": ckpt.rng_state()},
+                             may_commit=self._lock.owned if self._lock is not None else None, **self._save_hooks)
         self._saved_step = self.state.step
 
     def evaluate(self) -> Optional[dict]:
@@ -309,7 +338,11 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        self.loader.close()
-        self.metrics.close()
+        for part in ("loader", "metrics"):
+            if hasattr(self, part):
+                getattr(self, part).close()
         for sig, handler in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, handler)
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
