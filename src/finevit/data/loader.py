@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finevit.config.data import BadSampleConfig, DataConfig
 from finevit.data.corpus import Corpus, open_corpus
+from finevit.data.node_lock import node_exclusive
 from finevit.data.packing import PackedBatch, Packer, Sample, collate
 from finevit.data.preprocess import PatchSpec, Preprocessor
 from finevit.data.sampler import EpochPlan
@@ -360,8 +361,9 @@ def build_loader(cfg: DataConfig, spec: PatchSpec = PatchSpec(), dp_rank: int = 
         raise ValueError("data.corpora must give a weight to every corpus or to none")
     corpora = []
     try:
-        for c in cfg.corpora:
-            corpora.append(open_corpus(c.path, cache=c.cache, name=c.name))
+        with node_exclusive():  # another job on this node may be opening corpora now
+            for c in cfg.corpora:
+                corpora.append(open_corpus(c.path, cache=c.cache, name=c.name))
     except Exception:
         for c in corpora:
             c.close()
