@@ -10,7 +10,10 @@
 #   OVERRIDES       extra dotted overrides, e.g. "optimizer.lr=3e-4 data.num_workers=4"
 #                   (arguments after the script name on the sbatch line are appended too)
 #   PYTHON          interpreter with finevit installed (default .venv/bin/python)
+#   MASTER_ADDR     rendezvous host (default: the job's first node)
 #   MASTER_PORT     rendezvous port (default derived from the job id)
+#   LOCAL_ADDR      address each node's workers are reached at (torchrun --local-addr; default:
+#                   the host name)
 # Pre-timeout: --signal=B:USR1@<s> makes the trap below ask the trainer to checkpoint and stop
 # (a REQUEUE file in the run directory, read by every rank at the next step), then requeue.
 
@@ -25,7 +28,7 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   ((GPUS_PER_NODE > 0)) || GPUS_PER_NODE=1
 fi
 NNODES=${SLURM_NNODES:-1}
-MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 
 # NCCL: fail fast on a hung collective instead of waiting for the job's time limit; megatron's
@@ -47,11 +50,18 @@ on_usr1() {
 }
 trap on_usr1 USR1
 
+# One torchrun per node. The first node hosts the rendezvous store, said explicitly: torchrun
+# guesses it from host names, and nodes that share one (containers) would all try to host it.
+# shellcheck disable=SC2016  # expanded by the per-node shell, where SLURM_NODEID is set
+export PYTHON NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT TASK
+export RDZV_ID=${SLURM_JOB_ID:-0} LOCAL_ADDR=${LOCAL_ADDR:-}
 # shellcheck disable=SC2086  # OVERRIDES is a list of words
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run \
-  --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
-  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-0}" \
-  -m finevit.cli train --task "$TASK" "$CONFIG" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
+  is_host=false; [[ "${SLURM_NODEID:-0}" == 0 ]] && is_host=true
+  exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \
+    --rdzv_conf="is_host=$is_host" ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} \
+    -m finevit.cli train --task "$TASK" "$@"' finevit-node "$CONFIG" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
 step=$!
 status=0
 # `wait` returns early when the trap runs; keep waiting until the step itself has ended.

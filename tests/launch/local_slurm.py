@@ -1,7 +1,12 @@
-"""A real single-node SLURM cluster in a temporary directory (Debian slurm-wlm + munge), for tests.
+"""A real SLURM cluster in a temporary directory (Debian slurm-wlm + munge), for tests.
 
 Daemons are started by hand (no systemd) as root, everything under one directory, loopback only;
 `stop()` kills them and removes what they left. See ../shared/notes/slurm-on-one-machine.md.
+
+With nodes > 1, each node is its own slurmd (`slurmd -N n<i>`, its own port) on this machine, started
+in private IPC and mount namespaces with its own tmpfs on /dev/shm and on `node_tmp`: what separate
+machines have, and what mosaicml-streaming's shared memory and lock files need to not collide.
+Jobs should set TMPDIR=node_tmp.
 """
 
 import os
@@ -12,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "unshare")
 
 
 def available() -> str:
@@ -30,8 +35,9 @@ def _exe(name: str) -> str:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int = 2):
-        self.root, self.cpus = Path(root), cpus
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1):
+        self.root, self.cpus, self.nodes = Path(root), cpus, [f"n{i + 1}" for i in range(nodes)]
+        self.node_tmp = self.root / "node_tmp"
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pids: list[int] = []
@@ -39,25 +45,26 @@ class LocalSlurm:
     def _write_conf(self) -> None:
         host = socket.gethostname()
         r = self.root
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "log", "munge", "node_tmp", *(f"spool-{n}" for n in self.nodes)):
             (r / d).mkdir(parents=True, exist_ok=True)
         os.chmod(r / "munge", 0o711)
         ctl_port = 16817 + os.getpid() % 1000
         self.conf.write_text("\n".join([
             "ClusterName=finevit-test", f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={ctl_port}", f"SlurmdPort={ctl_port + 1}",
+            f"SlurmctldPort={ctl_port}",
             "SlurmUser=root", "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool-%n",
+            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd-%n.log",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
             "AuthType=auth/munge", f"AuthInfo=socket={r}/munge/munge.socket.2,cred_expire=10",
             "CredType=cred/munge", "MinJobAge=4", "ReturnToService=2", "MpiDefault=none",
             "SchedulerType=sched/backfill", "KillWait=5", "InactiveLimit=0",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            *(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={ctl_port + 1 + i} "
+              f"CPUs={self.cpus} State=UNKNOWN" for i, n in enumerate(self.nodes)),
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
 
     def start(self) -> "LocalSlurm":
@@ -69,11 +76,16 @@ class LocalSlurm:
                         f"--pid-file={r}/munged.pid", f"--log-file={r}/log/munged.log",
                         f"--seed-file={r}/munge.seed", "--force"], check=True, capture_output=True)
         subprocess.run([_exe("slurmctld"), "-i"], env=self.env, check=True, capture_output=True)
-        subprocess.run([_exe("slurmd")], env=self.env, check=True, capture_output=True)
+        for node in self.nodes:  # a machine of its own, as far as shared memory goes
+            mounts = f"mount -t tmpfs tmpfs /dev/shm && mount -t tmpfs tmpfs {self.node_tmp}"
+            subprocess.run([_exe("unshare"), "--ipc", "--mount", "--propagation", "private", "sh", "-c",
+                            f"{mounts} && exec {_exe('slurmd')} -N {node}"],
+                           env=self.env, check=True, capture_output=True)
         deadline = time.time() + 30
         while time.time() < deadline:
-            out = subprocess.run([_exe("sinfo"), "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc"):
+            out = subprocess.run([_exe("sinfo"), "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            states = out.stdout.split()
+            if out.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mix", "alloc"}:
                 return self
             time.sleep(0.3)
         self.stop()
@@ -87,7 +99,7 @@ class LocalSlurm:
         return subprocess.run([_exe("scontrol"), *args], env=self.env, capture_output=True, text=True).stdout
 
     def stop(self) -> None:
-        for pidfile in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
+        for pidfile in (*(f"slurmd-{n}.pid" for n in self.nodes), "slurmctld.pid", "munged.pid"):
             path = self.root / pidfile
             if path.exists():
                 try:
