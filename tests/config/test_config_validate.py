@@ -80,6 +80,8 @@ CASES = [
     (["checkpoint.keep_last=0"], None, "checkpoint.keep_last=0 must be a positive integer"),
     (["checkpoint.optimizer_format=torch"], None,
      "checkpoint.optimizer_format='torch' is not one of fully_reshardable, dp_reshardable"),
+    (["checkpoint.owner_stale_s=0"], None, "checkpoint.owner_stale_s=0.0 must be positive (seconds)"),
+    (["data.bad_samples.max_fraction=0"], None, "data.bad_samples.max_fraction=0.0 must lie in (0, 1]"),
     (["checkpoint.load_weights_only=true"], None,
      "checkpoint.load_weights_only=true needs checkpoint.load (the checkpoint to take the weights from)"),
     (["eval.templates=[a photo]"], None,

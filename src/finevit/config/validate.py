@@ -217,6 +217,8 @@ def _runtime(cfg: Config) -> list[str]:
     out += _positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
     out += _one_of("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
     out += _positive("logging", cfg.logging, ("log_interval",))
+    if not cfg.checkpoint.owner_stale_s > 0:
+        out.append(f"checkpoint.owner_stale_s={cfg.checkpoint.owner_stale_s} must be positive (seconds)")
     if cfg.checkpoint.load_weights_only and not cfg.checkpoint.load:
         out.append("checkpoint.load_weights_only=true needs checkpoint.load (the checkpoint to take "
                    "the weights from)")

@@ -101,7 +101,7 @@ def report(run_dir: str) -> int:
     if not os.path.exists(path):
         print(f"finevit report: {path} does not exist (no step was logged in {run_dir})")
         return 1
-    rows = _latest_per_step(json.loads(line) for line in open(path))
+    rows = _latest_per_step(read_rows(path))
     evals = [r for r in rows if r["kind"] == "eval"]
     train = [r for r in rows if r["kind"] == "train"]
     if train:
@@ -118,6 +118,18 @@ def report(run_dir: str) -> int:
               f"chance top-1 {evals[-1].get(name + '_chance', 0):.3f}):")
         _table(shown, (f"{name}_top1", f"{name}_top5"))
     return 0
+
+
+def read_rows(path: str) -> list[dict]:
+    """metrics.jsonl's rows; a line cut short by a killed process is left out."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _latest_per_step(rows) -> list:
