@@ -37,6 +37,19 @@ def test_model_preset_sizes(name, expected):
     assert sizes(load_config(CONFIGS / f"model/{name}.yaml").model.vision) == expected
 
 
+@pytest.mark.parametrize("name, expected", [  # layers, hidden, heads, kv heads, ffn, vocab, head_dim, tied
+    ("tiny", (2, 64, 4, 2, 128, 512, 16, True)),
+    ("qwen2.5_1.5b", (28, 1536, 12, 2, 8960, 151936, 128, True)),
+    ("qwen2.5_3b", (36, 2048, 16, 2, 11008, 151936, 128, True)),
+    ("qwen2.5_7b", (28, 3584, 28, 4, 18944, 152064, 128, False)),
+])
+def test_llm_preset_sizes(name, expected):
+    m = load_config(CONFIGS / f"model/llm/{name}.yaml").model.llm
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.ffn_hidden_size, m.vocab_size,
+            m.kv_channels, m.tie_embeddings) == expected
+    assert m.family == "qwen2" and m.rope_theta == 1e6
+
+
 def test_0_9b_preset_is_the_schema_default():
     assert load_config(CONFIGS / "model/finevit_0.9b.yaml").model.vision == VisionConfig()
 

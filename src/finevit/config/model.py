@@ -92,8 +92,47 @@ class ContrastiveConfig:
     chunk_size: int = 1024  # texts scored per chunk: bounds loss memory to local_images x chunk
 
 
+LLM_FAMILIES = ("qwen2", "qwen3")
+
+
+@dataclass
+class LLMConfig:
+    """A decoder LLM of the Qwen2 / Qwen2.5 or the Qwen3 family (defaults: Qwen2.5-1.5B's shape).
+
+    qwen2 (Qwen2, Qwen2.5): q/k/v projections with bias. qwen3: no q/k/v bias, an RMSNorm on each
+    head's queries and keys, and a head_dim that need not be hidden_size / num_heads. Both: grouped
+    query attention, RMSNorm, SwiGLU, rotary positions in M-RoPE's (t, h, w) form: a text token has
+    the same index in all three, which is plain RoPE.
+    """
+
+    family: str = "qwen2"
+    vocab_size: int = 151936
+    num_layers: int = 28
+    hidden_size: int = 1536
+    num_heads: int = 12
+    num_kv_heads: int = 2  # key/value heads (query groups)
+    head_dim: Optional[int] = None  # default hidden_size // num_heads
+    ffn_hidden_size: int = 8960  # SwiGLU inner width
+    norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    # How the head's head_dim / 2 rotary frequencies split over (t, h, w) positions (Qwen2.5-VL:
+    # [16, 24, 24] for head_dim 128). Must sum to head_dim / 2.
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    tie_embeddings: bool = True  # output layer shares the input embedding (1.5B, 3B; not 7B)
+    max_positions: int = 32768
+    init_std: float = 0.02
+    # A Hugging Face `save_pretrained` directory (config.json + safetensors, sharded or not) of a
+    # Qwen2 / Qwen2.5 / Qwen3 causal LM whose weights start the LLM; the fields above must match it.
+    init_from: Optional[str] = None
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    llm: Optional[LLMConfig] = None  # stage 2's decoder (unset in stage 1)

@@ -8,6 +8,7 @@ setting run only when that setting is itself valid, so a zero never crashes the 
 from typing import Optional
 
 from finevit.config.errors import ConfigError
+from finevit.config.model import LLM_FAMILIES
 from finevit.config.schema import Config
 
 RECOMPUTE = ("none", "selective", "full")
@@ -91,6 +92,32 @@ def _text(cfg: Config) -> list[str]:
         for key in ("num_heads", "ffn_hidden_size"):
             if getattr(t, key) % tp:
                 out.append(f"model.text.{key}={getattr(t, key)} is not divisible by parallel.tensor={tp}")
+    return out
+
+
+LLM_SIZES = ("vocab_size", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
+             "max_positions")
+
+
+def _llm(cfg: Config) -> list[str]:
+    m = cfg.model.llm
+    if m is None:
+        return []
+    out = _positive("model.llm", m, LLM_SIZES) + _one_of("model.llm.family", m.family, LLM_FAMILIES)
+    if out:
+        return out
+    if m.num_heads % m.num_kv_heads:
+        out.append(f"model.llm.num_heads={m.num_heads} is not divisible by model.llm.num_kv_heads={m.num_kv_heads}")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        out.append(f"model.llm.hidden_size={m.hidden_size} is not divisible by model.llm.num_heads={m.num_heads}: "
+                   "set model.llm.head_dim")
+    elif 2 * sum(m.mrope_section) != m.kv_channels:
+        out.append(f"model.llm.mrope_section={m.mrope_section} must sum to head_dim / 2 = {m.kv_channels // 2}")
+    if _parallel_ok(cfg):
+        tp = cfg.parallel.tensor
+        for key in ("num_kv_heads", "ffn_hidden_size", "vocab_size"):
+            if getattr(m, key) % tp:
+                out.append(f"model.llm.{key}={getattr(m, key)} is not divisible by parallel.tensor={tp}")
     return out
 
 
@@ -244,7 +271,7 @@ def notes(cfg: Config) -> list[str]:
 
 
 def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
-    return (_vision(cfg) + _text(cfg) + _parallel(cfg, world_size) + _data(cfg) + _optimizer(cfg)
+    return (_vision(cfg) + _text(cfg) + _llm(cfg) + _parallel(cfg, world_size) + _data(cfg) + _optimizer(cfg)
             + _schedule(cfg) + _phases(cfg) + _runtime(cfg))
 
 

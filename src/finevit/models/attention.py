@@ -24,8 +24,9 @@ def _is_window_layer(config: TransformerConfig, layer_number: int) -> bool:
 
 
 def sdpa_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                scale: Optional[float] = None) -> torch.Tensor:
-    """q, k, v: [t, heads, head_dim] -> [t, heads, head_dim], attention within segments."""
+                scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """q, k, v: [t, heads, head_dim] -> [t, heads, head_dim], attention within segments (causal
+    within each one with `causal`). k and v may have fewer heads (grouped-query attention)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -33,12 +34,14 @@ def sdpa_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
             continue
         # [len, h, d] -> [h, len, d]: SDPA batches over heads.
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1)
+        out[start:end] = F.scaled_dot_product_attention(
+            qs, ks, vs, scale=scale, is_causal=causal, enable_gqa=ks.shape[0] != qs.shape[0]).transpose(0, 1)
     return out
 
 
-class PackedSDPAttention(MegatronModule):
-    """Drop-in for megatron's DotProductAttention that supports packed sequences."""
+class LocalCoreAttention(MegatronModule):
+    """What the local (torch SDPA) core attentions share: megatron's constructor signature, no
+    context parallelism, the softmax scale megatron hands over."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
                  attention_type: str, attention_dropout: Optional[float] = None,
@@ -46,9 +49,16 @@ class PackedSDPAttention(MegatronModule):
                  pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise NotImplementedError("packed vision attention does not support context parallelism")
+            raise NotImplementedError(f"{type(self).__name__} does not support context parallelism")
+        self.layer_number, self.softmax_scale = layer_number, softmax_scale
+
+
+class PackedSDPAttention(LocalCoreAttention):
+    """Drop-in for megatron's DotProductAttention that supports packed sequences."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
         self.window = _is_window_layer(config, layer_number)
-        self.softmax_scale = softmax_scale
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: Optional[VisionPackedSeqParams] = None):
@@ -71,7 +81,6 @@ def te_packed_attention_class():
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
     except (ImportError, OSError):  # OSError: TE installed but no GPU libraries (cuDNN)
         return None
-    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
     class TEPackedAttention(TEDotProductAttention):
@@ -82,12 +91,19 @@ def te_packed_attention_class():
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
-            s, _, heads, dim = query.shape
             cu, max_len = packed_seq_params.for_layer(self.window)
-            thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
-            out = super().forward(query[:, 0], key[:, 0], value[:, 0], None,
-                                  attn_mask_type=AttnMaskType.padding, packed_seq_params=thd)
-            return out.reshape(s, 1, heads * dim)
+            return te_thd_attention(super().forward, query, key, value, cu, max_len, AttnMaskType.padding)
 
     return TEPackedAttention
+
+
+def te_thd_attention(te_forward, query, key, value, cu_seqlens, max_len: int, mask_type):
+    """Packed [s, 1, heads, d] (sbhd) through a TEDotProductAttention forward in THD layout, with
+    segments `cu_seqlens` -> [s, 1, heads * d]."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    s, _, heads, dim = query.shape
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                          max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    out = te_forward(query[:, 0], key[:, 0], value[:, 0], None, attn_mask_type=mask_type, packed_seq_params=thd)
+    return out.reshape(s, 1, heads * dim)

@@ -13,8 +13,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 
 def transformer_layer_spec(norm, qkv, core_attention, proj, fc1, fc2,
-                           mask_type: AttnMaskType = AttnMaskType.no_mask) -> ModuleSpec:
-    """Pre-norm self-attention + MLP with residuals (norms are identities where TE fuses them)."""
+                           mask_type: AttnMaskType = AttnMaskType.no_mask, qk_norm=IdentityOp) -> ModuleSpec:
+    """Pre-norm self-attention + MLP with residuals (norms are identities where TE fuses them);
+    qk_norm normalises each head's queries and keys (Qwen3)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -24,7 +25,7 @@ def transformer_layer_spec(norm, qkv, core_attention, proj, fc1, fc2,
                 params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv, core_attention=core_attention, linear_proj=proj,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+                    q_layernorm=qk_norm, k_layernorm=qk_norm),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,

@@ -3,12 +3,14 @@
 A wrong path must cost seconds, not a job: a missing tokenizer used to make every sample a bad
 sample and the run loop over its corpus forever; a directory that is not a checkpoint ended in a
 traceback from deep inside a load. What is checked here: the training and evaluation corpora
-(their manifests), data.tokenizer (loads as a sentencepiece model), checkpoint.load (a complete
-finevit checkpoint whose files unpickle no code), then whatever the task names (its `preflight`:
+(their manifests), data.tokenizer (loads as a sentencepiece model), model.llm.init_from (a Hugging
+Face Qwen2 / Qwen3 directory of the configured shape), checkpoint.load (a complete finevit
+checkpoint whose files unpickle no code), then whatever the task names (its `preflight`:
 init_from directories, what its data must be).
 """
 
 from finevit.checkpointing import files
+from finevit.convert.qwen2 import ConversionError, check_hf_llm_dir
 from finevit.data.corpus import CorpusError, read_manifest
 from finevit.data.tokenizer import TokenizerError, check_tokenizer
 
@@ -38,6 +40,11 @@ def check_inputs(cfg, task) -> None:
         try:
             check_tokenizer(cfg.data.tokenizer)
         except TokenizerError as e:
+            problems.append(str(e))
+    if cfg.model.llm is not None and cfg.model.llm.init_from:
+        try:
+            check_hf_llm_dir(cfg.model.llm.init_from, cfg.model.llm)
+        except ConversionError as e:
             problems.append(str(e))
     if cfg.checkpoint.load:
         try:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from finevit.config import ParallelConfig, TextConfig
-from finevit.models.vision.config import DTYPES
+from finevit.models.megatron_config import runtime_fields
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -25,12 +25,6 @@ def text_transformer_config(text: TextConfig, parallel: ParallelConfig,
     pipeline size megatron sees here is always 1 (layer numbering then starts at 1 on every
     rank), and sequence parallelism stays off (texts are short; the torch LayerNorm of the local
     spec cannot take it)."""
-    torch_dtype = DTYPES[dtype]
-    on_gpu = torch.cuda.is_available()
-    # One layer per recomputed block: the vision's recompute_num_layers may exceed this depth.
-    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
-                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                          "recompute_num_layers": 1}}[parallel.recompute]
     return TransformerConfig(
         num_layers=text.num_layers,
         hidden_size=text.hidden_size,
@@ -43,21 +37,11 @@ def text_transformer_config(text: TextConfig, parallel: ParallelConfig,
         activation_func=gelu_tanh,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=text.init_std,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        pipeline_dtype=torch_dtype,
-        params_dtype=torch_dtype,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        use_cpu_initialization=not on_gpu,
         bias_activation_fusion=False,  # see gelu_tanh
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=on_gpu,
-        **recompute,
+        # One layer per recomputed block: the vision's recompute_num_layers may exceed this depth.
+        **runtime_fields(parallel, dtype, recompute_num_layers=1),
     )

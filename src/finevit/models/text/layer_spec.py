@@ -7,17 +7,16 @@ uses megatron's tensor-parallel linears, torch's LayerNorm and SDPA. Attention t
 key-padding mask, needed only by "eos" pooling ("last" pooling is SigLIP's: no mask at all).
 """
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from finevit.models.attention import LocalCoreAttention
 from finevit.models.layers import transformer_layer_spec
 
 
@@ -29,18 +28,9 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
 
 
-class MaskedSDPAttention(MegatronModule):
+class MaskedSDPAttention(LocalCoreAttention):
     """Core attention by torch SDPA over [s, b, heads, d] (sbhd), with megatron's mask convention:
     `attention_mask` [b, 1, 1, s] bool, True where a key is padding (None: attend everywhere)."""
-
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
-                 attention_type: str, attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None):
-        super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("the text tower does not support context parallelism")
-        self.softmax_scale = softmax_scale
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

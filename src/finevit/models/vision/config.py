@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from finevit.config import ParallelConfig, VisionConfig
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from finevit.models.megatron_config import layout_fields, runtime_fields
 
 
 @dataclass
@@ -19,11 +18,6 @@ class VisionTransformerConfig(TransformerConfig):
 
 def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig, dtype: str = "fp32",
                               use_te: bool = False) -> VisionTransformerConfig:
-    torch_dtype = DTYPES[dtype]
-    on_gpu = torch.cuda.is_available()
-    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
-                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                          "recompute_num_layers": parallel.recompute_num_layers}}[parallel.recompute]
     return VisionTransformerConfig(
         num_layers=vision.num_layers,
         hidden_size=vision.hidden_size,
@@ -36,30 +30,9 @@ def vision_transformer_config(vision: VisionConfig, parallel: ParallelConfig, dt
         activation_func=F.silu,
         add_bias_linear=vision.linear_bias,
         add_qkv_bias=vision.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=vision.init_std,
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        sequence_parallel=parallel.sequence_parallel,
-        pipeline_dtype=torch_dtype,
-        params_dtype=torch_dtype,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        use_cpu_initialization=not on_gpu,
-        # Fused kernels need CUDA; the rotary embedding must stay unfused in every case because
-        # our frequencies are per token (2D positions), which TE's fused RoPE cannot express.
-        bias_activation_fusion=on_gpu and use_te,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        # batch_p2p_comm=True silently swaps activations with PP=2 + virtual pipeline
-        # (Megatron-LM #750, #1450); the interleaved schedule then needs overlapped p2p.
-        batch_p2p_comm=False,
-        overlap_p2p_comm=parallel.virtual_pipeline is not None,
+        bias_activation_fusion=torch.cuda.is_available() and use_te,
         window_layers=tuple(vision.window_layers),
-        **recompute,
+        **layout_fields(parallel),
+        **runtime_fields(parallel, dtype, parallel.recompute_num_layers),
     )

@@ -1,0 +1,38 @@
+"""The FineViT VLM: the encoder (with its 2x2 merger = the 2-layer MLP projector) feeding a
+decoder LLM, Qwen2.5-VL's architecture.
+
+    pixel_values [S, patch_dim] --encoder--> [S, h_v] --merger--> images [S/4, h]
+    input_ids [1, s] --LLM embedding--> [s, 1, h]; rows where image_mask is set are replaced by
+    the image tokens, in order --(sequence parallel: scatter)--> decoder --> logits [1, s, V / tp]
+
+Positions are M-RoPE's [3, 1, s] (models/vlm/positions.py), samples are packed in one row
+(LLMPackedSeqParams). Both towers are tensor-parallel over the same group.
+"""
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from finevit.models.llm.packing import LLMPackedSeqParams
+
+
+class FineViTVLM(MegatronModule):
+    def __init__(self, vision, llm):
+        super().__init__(config=llm.config)
+        self.vision, self.llm = vision, llm
+        self.sequence_parallel = llm.config.sequence_parallel
+        self.tp_group = llm.pg_collection.tp
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, input_ids: torch.Tensor,
+                image_mask: torch.Tensor, position_ids: torch.Tensor, packed_seq_params: LLMPackedSeqParams,
+                vit_tokens: int = None) -> torch.Tensor:
+        """image_mask [s] bool; vit_tokens: the encoder's padded patch count (default: all of
+        pixel_values). Returns logits [1, s, V / tp]."""
+        images = self.vision(pixel_values, grid_thw, vit_tokens)  # [S/4, h]: real rows first
+        embeds = self.llm.embedding(input_ids=input_ids, position_ids=None)  # [s, 1, h], not scattered
+        mask = image_mask.to(embeds.device).view(-1, 1, 1).expand_as(embeds)
+        n = int(image_mask.sum())
+        embeds = embeds.masked_scatter(mask, images[:n].to(embeds.dtype))
+        if self.sequence_parallel:  # the spliced sequence is cut only now
+            embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds, group=self.tp_group)
+        return self.llm(input_ids, position_ids, None, decoder_input=embeds, packed_seq_params=packed_seq_params)

@@ -1,0 +1,96 @@
+"""The VLM equals Hugging Face's Qwen2_5_VLForConditionalGeneration on the same (tiny, random)
+weights: a packed row of two samples (three odd-sized images between texts) and padding gives,
+sample by sample, HF's logits within 1e-4 (fp32); M-RoPE positions are HF's get_rope_index."""
+
+import dataclasses
+
+import torch
+
+from finevit.config import ModelConfig, ParallelConfig, VisionConfig
+from finevit.convert import qwen2 as conv
+from finevit.convert.qwen2_5_vl import hf_config_from_vision
+from finevit.models.llm.packing import segments, text_positions
+from finevit.models.vlm import build_vlm, mrope_positions
+from finevit.parallel.shards import load_full_state
+from tiny_llm import TINY
+from unit_scale import randomize_
+
+VISION = VisionConfig(num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_size=48, out_hidden_size=64,
+                      window_size=56)
+LLM = dataclasses.replace(TINY, vocab_size=100)
+IMAGE, START, END = 97, 95, 96  # <image_pad>, <vision_start>, <vision_end>
+GRIDS = [[1, 4, 6], [1, 2, 2], [1, 4, 4]]  # patches; merged: 2x3, 1x1, 2x2 tokens
+
+
+def sample(texts: list[list[int]], images: list[int]) -> list[int]:
+    """Text runs with an image block (<vision_start>, N x <image_pad>, <vision_end>) between them."""
+    out = list(texts[0])
+    for grid, text in zip(images, texts[1:]):
+        t, h, w = GRIDS[grid]
+        out += [START] + [IMAGE] * (t * h * w // 4) + [END] + list(text)
+    return out
+
+
+SAMPLES = [(sample([[5, 6, 7], [8, 9, 10, 11]], [0]), [0]),
+           (sample([[12, 13], [14], [15, 16, 17]], [1, 2]), [1, 2])]
+
+
+def hf_vlm():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = conv.hf_config_from_llm(LLM)
+    text.pop("architectures"), text.pop("model_type")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": list(LLM.mrope_section)}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=hf_config_from_vision(VISION).to_dict(),
+                              image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END,
+                              video_token_id=98)
+    model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    randomize_(model, seed=5)
+    return model
+
+
+def packed_row(pad: int):
+    """(pixels [S, patch_dim], grid_thw [3 images, 3], input ids [s], LLMPackedSeqParams, positions
+    [3, 1, s], and per sample (tokens, its pixels, its grid_thw)) for SAMPLES and `pad` tokens."""
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(t * h * w, VISION.patch_dim, generator=g) for t, h, w in GRIDS]
+    row = torch.tensor([t for tokens, _ in SAMPLES for t in tokens] + [0] * pad)
+    params = segments([len(t) for t, _ in SAMPLES], len(row))
+    order = [i for _, gs in SAMPLES for i in gs]
+    grid = torch.tensor([GRIDS[i] for i in order])
+    positions = mrope_positions(row == IMAGE, params.cu_seqlens, grid // torch.tensor([1, 2, 2]))
+    per_sample = [(tokens, torch.cat([pixels[i] for i in gs]), torch.tensor([GRIDS[i] for i in gs]))
+                  for tokens, gs in SAMPLES]
+    return torch.cat([pixels[i] for i in order]), grid, row, params, positions, per_sample
+
+
+def test_mrope_positions_are_hugging_faces(dist):
+    hf = hf_vlm()
+    *_, positions, per_sample = packed_row(pad=3)
+    start = 0
+    for tokens, _, grid in per_sample:
+        theirs, _ = hf.model.get_rope_index(torch.tensor([tokens]), grid)
+        assert torch.equal(positions[:, 0, start:start + len(tokens)], theirs[:, 0]), tokens
+        start += len(tokens)
+    assert torch.equal(positions[:, 0, start:], torch.arange(3).expand(3, 3))  # padding: a text run of its own
+
+
+def test_logits_equal_hugging_face(solo_groups):
+    hf = hf_vlm()
+    model = build_vlm(ModelConfig(vision=VISION, llm=LLM), ParallelConfig(), solo_groups, use_te=False).eval()
+    state = conv.vlm_hf_to_canonical(hf.state_dict(), VISION, LLM)
+    load_full_state([model], state, 0, 1)
+    x, grid, row, params, positions, per_sample = packed_row(pad=3)
+    with torch.no_grad():
+        ours = model(x, grid, row[None], row == IMAGE, positions, params)
+        # controls: the images and the 3-D positions both reach the logits
+        blind = model(torch.zeros_like(x), grid, row[None], row == IMAGE, positions, params)
+        flat = model(x, grid, row[None], row == IMAGE, text_positions(params), params)
+        assert (blind - ours).abs().max() > 1e-2 and (flat - ours).abs().max() > 1e-2
+        start = 0
+        for tokens, their_pixels, their_grid in per_sample:
+            theirs = hf(input_ids=torch.tensor([tokens]), pixel_values=their_pixels, image_grid_thw=their_grid).logits
+            diff = (ours[:, start:start + len(tokens)] - theirs).abs().max().item()
+            print(f"sample of {len(tokens)} tokens: max |ours - HF| = {diff:.2e}, logits std {theirs.std():.2f}")
+            assert diff < 1e-4
+            start += len(tokens)
