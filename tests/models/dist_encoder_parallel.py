@@ -11,7 +11,7 @@ import torch
 from finevit.config import ParallelConfig, VisionConfig
 from finevit.models.vision.build import build_vision_encoder
 from finevit.parallel.shards import canonical_parameters, load_full_state, local_shard
-from finevit.train.forward_backward import forward_backward
+from finevit.parallel.schedule import forward_backward
 
 VISION = VisionConfig(num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=96,
                       out_hidden_size=48)

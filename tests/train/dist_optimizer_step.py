@@ -8,7 +8,7 @@ import torch
 
 from finevit.config import OptimizerConfig, ParallelConfig, VisionConfig
 from finevit.models.vision.build import build_vision_encoder
-from finevit.train.forward_backward import forward_backward
+from finevit.parallel.schedule import forward_backward
 from finevit.train.optim import build_optimizer, wrap_ddp
 
 VISION = VisionConfig(num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=96,

@@ -16,7 +16,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 BACKENDS = ("auto", "nccl", "gloo")
 OPTIMIZERS = ("adam", "sgd")  # megatron-core's names
-OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # megatron's, see train/checkpoint.py
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # megatron's, see checkpointing/dist.py
 VISION_SIZES = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "patch_size",
                 "temporal_patch_size", "in_channels", "spatial_merge_size", "out_hidden_size")
 

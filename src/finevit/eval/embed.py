@@ -14,7 +14,7 @@ import torch
 
 from finevit.config.data import BadSampleConfig
 from finevit.data import PatchSpec, build_loader
-from finevit.train.forward_backward import forward_backward
+from finevit.parallel.schedule import forward_backward
 
 
 @dataclass

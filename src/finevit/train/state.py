@@ -2,7 +2,7 @@
 
 A checkpoint holds the model and optimizer (sharded, megatron dist_checkpointing), the
 `common` dict built here (the TrainState counters, the LR schedule position, every data-parallel
-rank's loader state) and each rank's RNG state (train/checkpoint.py gathers per-rank state). Restoring all of it continues the run exactly
+rank's loader state) and each rank's RNG state (checkpointing/dist.py gathers per-rank state). Restoring all of it continues the run exactly
 (same layout) or as closely as the layout allows (other DP size: the loader reshards its epoch;
 RNG states are per rank and are then re-seeded).
 """
@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from finevit.checkpointing import dist as ckpt
 from finevit.data.loader import BadSampleBudget
-from finevit.train import checkpoint as ckpt
 
 
 @dataclass

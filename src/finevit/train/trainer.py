@@ -19,22 +19,22 @@ from typing import Optional
 import torch
 import yaml
 
+from finevit.checkpointing import dist as ckpt
+from finevit.checkpointing.files import resolve as resolve_checkpoint
 from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
-from finevit.checkpointing.files import resolve as resolve_checkpoint
+from finevit.data.loader import BadSampleBudget
 from finevit.eval import evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
+from finevit.parallel.schedule import forward_backward
 from finevit.parallel.shards import canonical_parameters, load_full_state
-from finevit.train import checkpoint as ckpt
-from finevit.train.forward_backward import forward_backward
 from finevit.train.metrics import MetricsLogger, Timers, peak_tflops, throughput
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.preflight import check_inputs
 from finevit.train.run_lock import RunLock, RunLockError
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
-from finevit.data.loader import BadSampleBudget
 from finevit.train.state import TrainState, collect_common, gather_objects, next_batches, restore_common
 from finevit.train.step import group_settings, optimizer_step, saved_group_settings, set_frozen, set_group_settings
 

@@ -16,7 +16,7 @@ from megatron.core.utils import unwrap_model
 from finevit.config import OptimizerConfig, ParallelConfig, ScheduleConfig, VisionConfig
 from finevit.models.vision.build import build_vision_encoder
 from finevit.parallel.shards import canonical_parameters, full_from_shards
-from finevit.train.checkpoint import (
+from finevit.checkpointing.dist import (
     find_latest,
     load_checkpoint,
     rng_state,
@@ -24,7 +24,7 @@ from finevit.train.checkpoint import (
     saved_rank_state,
     set_rng_state,
 )
-from finevit.train.forward_backward import forward_backward
+from finevit.parallel.schedule import forward_backward
 from finevit.train.optim import build_optimizer, wrap_ddp
 from finevit.train.schedules import LRScheduler
 
