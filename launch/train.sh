@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 : "${CONFIG:?set CONFIG to a recipe, e.g. CONFIG=configs/stage1/finevit_0.9b.yaml sbatch ...}"
-TASK=${TASK:-stage1}
+TASK=${TASK:-}  # empty: the config's `task`
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-finevit}-${SLURM_JOB_ID:-local}}
 PYTHON=${PYTHON:-.venv/bin/python}
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
@@ -40,7 +40,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$GPUS_PER_N
 
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR/REQUEUE"
-echo "finevit $TASK: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}, $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
+echo "finevit ${TASK:-$(basename "$CONFIG")}: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}, $NNODES node(s) x $GPUS_PER_NODE, run dir $RUN_DIR"
 
 requeue_requested=0
 on_usr1() {
@@ -61,7 +61,7 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
   exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \
     --rdzv_conf="is_host=$is_host" ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} \
-    -m finevit.cli train --task "$TASK" "$@"' finevit-node "$CONFIG" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
+    -m finevit.cli train ${TASK:+--task "$TASK"} "$@"' finevit-node "$CONFIG" "logging.run_dir=$RUN_DIR" ${OVERRIDES:-} "$@" &
 step=$!
 status=0
 # `wait` returns early when the trap runs; keep waiting until the step itself has ended.

@@ -25,10 +25,16 @@ def add_doctor(sub) -> None:
 
 
 def _run_config_show(args: argparse.Namespace) -> int:
-    from finevit.config import ConfigError, load_config, to_yaml, validate
+    from finevit.config import ConfigError, load_config, to_yaml
+    from finevit.config.validate import problems
+    from finevit.train.task import task_problems
 
     try:
-        cfg = validate(load_config(args.config, args.overrides), args.world_size)
+        cfg = load_config(args.config, args.overrides)
+        found = problems(cfg, args.world_size)
+        found += task_problems(cfg) if not found else []
+        if found:
+            raise ConfigError(found)
     except ConfigError as e:
         for problem in e.problems:
             print(f"finevit config: {problem}", file=sys.stderr)
@@ -65,6 +71,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def add_train_and_eval(sub) -> None:
+    from finevit.train.task import TASKS
+
     for verb, run, text in (
             ("train", _run_train, "train (resuming from the run directory's latest checkpoint if any)"),
             ("eval", _run_eval, "zero-shot retrieval / classification of the run's latest checkpoint "
@@ -73,7 +81,8 @@ def add_train_and_eval(sub) -> None:
                            "torchrun or srun for several processes; see launch/.")
         p.add_argument("config", metavar="CONFIG", help="YAML file, e.g. configs/stage1/demo_cpu.yaml")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-        p.add_argument("--task", default="stage1", choices=["stage1"], help="what to train (default stage1)")
+        p.add_argument("--task", default=None, choices=sorted(TASKS),
+                       help="what to train (default: the config's `task`, stage1 unless it says otherwise)")
         p.set_defaults(run=run)
 
 

@@ -86,22 +86,22 @@ def test_no_phases_gives_one_phase_from_the_data_config():
     (only,) = resolve_phases(ScheduleConfig(), DATA)
     assert only.start_samples == 0
     assert (only.min_pixels, only.max_pixels, only.max_text_len) == (100, 400, 64)
-    assert not only.freeze_text and not only.freeze_vision
+    assert only.freeze == ()
     assert phase_at([only], 10**9) == (0, only)
 
 
 def test_phases_inherit_the_previous_phase():
     s = ScheduleConfig(train_samples=1000, phases=[
-        PhaseConfig(start_samples=0, name="low", max_pixels=200, freeze_text=True),
+        PhaseConfig(start_samples=0, name="low", max_pixels=200, freeze=["text"]),
         PhaseConfig(start_samples=300, max_text_len=128),
-        PhaseConfig(start_samples=600, name="high", max_pixels=800, freeze_text=False),
+        PhaseConfig(start_samples=600, name="high", max_pixels=800, freeze=[]),
     ])
     p = resolve_phases(s, DATA)
     assert [x.name for x in p] == ["low", "phase1", "high"]
     assert [x.max_pixels for x in p] == [200, 200, 800]
     assert [x.min_pixels for x in p] == [100, 100, 100]
     assert [x.max_text_len for x in p] == [64, 128, 128]
-    assert [x.freeze_text for x in p] == [True, True, False]
+    assert [x.freeze for x in p] == [("text",), ("text",), ()]
     assert [x.index for x in p] == [0, 1, 2]
 
 
@@ -125,11 +125,12 @@ def test_phase_at_boundaries():
     ([PhaseConfig(start_samples=0), PhaseConfig(start_samples=1000)], "would never run"),
     ([PhaseConfig(start_samples=0, min_pixels=500)], "min_pixels <= max_pixels"),
     ([PhaseConfig(start_samples=0, max_text_len=0)], "max_text_len=0"),
-    ([PhaseConfig(start_samples=0, freeze_text=True, freeze_vision=True)], "nothing would train"),
+    ([PhaseConfig(start_samples=0, freeze=["text", "vision"])], r"freezes every tower \(vision, text\)"),
+    ([PhaseConfig(start_samples=0, freeze=["txt"])], r"\.freeze names txt, not a tower of this task"),
 ])
 def test_phase_validation_errors(phases, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_phases(ScheduleConfig(train_samples=1000, phases=phases), DATA)
+        resolve_phases(ScheduleConfig(train_samples=1000, phases=phases), DATA, towers=("vision", "text"))
 
 
 def test_every_problem_is_reported_with_its_phase():

@@ -34,7 +34,7 @@ def _save_hf_text(cfg, path, positions=16, **changes):
 def test_text_tower_starts_from_a_hugging_face_siglip2_directory(dist, stage1_corpus, tmp_path):
     corpus, tokenizer = stage1_corpus
     extra = {"model.text.pooling": "last", "model.text.init_from": tmp_path / "hf", "schedule.stop_after_steps": 1,
-             "schedule.phases": "[{start_samples: 0, max_text_len: 32, freeze_text: true}]"}
+             "schedule.phases": "[{start_samples: 0, max_text_len: 32, freeze: [text]}]"}
     cfg = tiny_config(corpus, tokenizer, tmp_path / "run", **extra)
     hf = _save_hf_text(cfg, tmp_path / "hf", positions=16)
     expected = hf_to_canonical(hf.state_dict(), cfg.model.text, cfg.model.contrastive.embed_dim)
@@ -45,7 +45,7 @@ def test_text_tower_starts_from_a_hugging_face_siglip2_directory(dist, stage1_co
             if name in expected and "position" not in name:
                 assert torch.equal(value, expected[name]), name
         # HF's 16 trained position rows, stretched over the first phase's 32 (ends kept).
-        assert trainer.state.text_positions == 32
+        assert trainer.state.task["text_positions"] == 32
         rows = text.position_embeddings.weight.detach()
         hf_rows = hf.state_dict()["text_model.embeddings.position_embedding.weight"]
         assert torch.equal(rows[0], hf_rows[0]) and torch.allclose(rows[31], hf_rows[15], atol=1e-6)

@@ -64,7 +64,7 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_loss_curve(make, t
 
 def test_resume_with_a_changed_learning_rate(make):
     run(make("relr", **{"schedule.stop_after_steps": 2}))
-    cfg = make("relr", **{"schedule.stop_after_steps": 1, "optimizer.lr": 1e-3, "optimizer.text_lr_mult": 0.5})
+    cfg = make("relr", **{"schedule.stop_after_steps": 1, "optimizer.lr": 1e-3, "optimizer.lr_mult": "{text: 0.5}"})
     trainer = run(cfg)
     assert trainer.state.step == 3
     groups = [g for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
@@ -87,8 +87,8 @@ def largest_in_batches(trainer, n=8) -> tuple[int, int]:
 # frozen tower's never fire (the FineViT recipe runs frozen text with overlap on).
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync_reduce", "overlap_reduce"])
 def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make, overlap):
-    phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze_text: true},"
-              " {start_samples: 40, freeze_text: false, max_pixels: 12544, max_text_len: 64}]")
+    phases = ("[{start_samples: 0, max_pixels: 6272, max_text_len: 32, freeze: [text]},"
+              " {start_samples: 40, freeze: [], max_pixels: 12544, max_text_len: 64}]")
     cfg = make("frozen", **{"schedule.phases": phases, "schedule.stop_after_steps": 3,
                             "parallel.overlap_grad_reduce": overlap})
     trainer = Trainer(cfg, Stage1Task(cfg)).setup()
@@ -109,7 +109,7 @@ def test_frozen_text_tower_gets_no_update_until_it_is_unfrozen(make, overlap):
         pixels, tokens = largest_in_batches(trainer)
         assert 3136 < pixels <= 6272 and tokens == 32  # demo captions are longer than 32 tokens
         trainer._enter_phase(1)
-        assert trainer.state.text_positions == 64
+        assert trainer.state.task["text_positions"] == 64
         torch.testing.assert_close(table[:64].detach(), expected, rtol=0, atol=1e-6)
         pixels, tokens = largest_in_batches(trainer)  # the loader follows the phase
         assert 6272 < pixels <= 12544 and 32 < tokens <= 64
@@ -217,7 +217,7 @@ def test_own_checkpoint_wins_over_checkpoint_load_and_weights_only_starts_afresh
     trainer = Trainer(cfg, Stage1Task(cfg)).setup()
     try:
         assert (trainer.state.step, trainer.state.consumed_samples) == (0, 0)
-        assert trainer.state.text_positions == 32  # the source's trained rows
+        assert trainer.state.task["text_positions"] == 32  # the source's trained rows
         mine = {n: p for c in trainer.chunks for n, p in c.named_parameters()}
         theirs = {n: p for c in source.chunks for n, p in c.named_parameters()}
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)

@@ -133,6 +133,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             raise _SchemaError(f"{key} must be a list, not {_show(value)}")
         (item,) = typing.get_args(tp)
         return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # a mapping of names (towers, ...) to values
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{key} must be a mapping, not {_show(value)}")
+        _, item = typing.get_args(tp)
+        return {str(k): _check(v, item, f"{key}.{k}") for k, v in value.items()}
     return _check_scalar(value, tp, key)
 
 

@@ -17,6 +17,9 @@ from finevit.config.train import (
 
 @dataclass
 class Config:
+    # What the run trains: a task registered in finevit/train/tasks.py (stage1, ...); `finevit
+    # train --task NAME` overrides it.
+    task: str = "stage1"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

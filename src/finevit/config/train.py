@@ -16,9 +16,9 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
-    # Per-tower LR multipliers (the text tower imported from SigLIP2 usually wants a smaller one).
-    vision_lr_mult: float = 1.0
-    text_lr_mult: float = 1.0
+    # LR multiplier per tower, by the task's tower names (stage 1: vision, text, loss; stage 2:
+    # vision, projector, llm); towers not named keep 1.0. E.g. {text: 0.1} for a SigLIP2 import.
+    lr_mult: dict[str, float] = field(default_factory=dict)
     # Only linear layers' matrices decay (big_vision's SigLIP rule): norms, biases, embedding
     # tables, the pooling probe and the loss's temperature/bias do not. False: everything decays.
     decay_matrices_only: bool = True
@@ -36,8 +36,9 @@ class PhaseConfig:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
     max_text_len: Optional[int] = None
-    freeze_text: Optional[bool] = None
-    freeze_vision: Optional[bool] = None
+    # Towers frozen in this phase, by the task's tower names ([] unfreezes all); null keeps the
+    # previous phase's. A frozen tower gets no update (LR 0, no gradient) and can be unfrozen later.
+    freeze: Optional[list[str]] = None
 
 
 @dataclass

@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Optional
 
-from finevit.config import Config, ConfigError, load_config, validate
+from finevit.config import Config, ConfigError, load_config
+from finevit.config.validate import problems
+from finevit.train.task import task_class, task_problems
 
-TASKS = ("stage1",)
 log = logging.getLogger("finevit.train")
 
 
@@ -21,25 +22,22 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter at INFO
 
 
-def load(config: str, overrides: list[str]) -> Optional[Config]:
-    """The validated config (checked against the launcher's world size), or None after logging
-    one line per problem."""
+def load(config: str, overrides: list[str], task: Optional[str] = None) -> Optional[Config]:
+    """The validated config (checked against the launcher's world size and by its task; `task`
+    overrides the config's), or None after logging one line per problem."""
     _setup_logging()
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
-        return validate(load_config(config, overrides), world)
+        cfg = load_config(config, overrides + ([f"task={task}"] if task else []))
+        found = problems(cfg, world)
+        found += task_problems(cfg) if not found else []
+        if found:
+            raise ConfigError(found)
+        return cfg
     except ConfigError as e:
         for problem in e.problems:
             log.error("config: %s", problem)
         return None
-
-
-def make_task(cfg: Config, name: str):
-    if name == "stage1":
-        from finevit.train.stage1 import Stage1Task
-
-        return Stage1Task(cfg)
-    raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
 
 
 def _setup(trainer, evaluating: bool = False):
@@ -65,13 +63,13 @@ def _setup(trainer, evaluating: bool = False):
         log.error("%s", e)
     return None
 
-def train(config: str, overrides: list[str], task: str = "stage1") -> int:
-    cfg = load(config, overrides)
+def train(config: str, overrides: list[str], task: Optional[str] = None) -> int:
+    cfg = load(config, overrides, task)
     if cfg is None:
         return 2
     from finevit.train.trainer import Trainer, TrainingError
 
-    trainer = _setup(Trainer(cfg, make_task(cfg, task)))
+    trainer = _setup(Trainer(cfg, task_class(cfg.task)(cfg)))
     if trainer is None:
         return 2
     try:
@@ -86,9 +84,9 @@ def train(config: str, overrides: list[str], task: str = "stage1") -> int:
     return 0
 
 
-def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
+def evaluate(config: str, overrides: list[str], task: Optional[str] = None) -> int:
     """Evaluate the latest checkpoint of the run (or checkpoint.load) on eval.corpora."""
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, task)
     if cfg is None:
         return 2
     if not cfg.eval.corpora:
@@ -96,7 +94,7 @@ def evaluate(config: str, overrides: list[str], task: str = "stage1") -> int:
         return 2
     from finevit.train.trainer import Trainer
 
-    trainer = _setup(Trainer(cfg, make_task(cfg, task)), evaluating=True)
+    trainer = _setup(Trainer(cfg, task_class(cfg.task)(cfg)), evaluating=True)
     if trainer is None:
         return 2
     try:

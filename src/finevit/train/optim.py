@@ -107,7 +107,7 @@ def build_optimizer(ddp_chunks: list, optim: OptimizerConfig, parallel: Parallel
         use_distributed_optimizer=parallel.distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
-    overrides = tower_overrides(optim, towers or {"vision": optim.vision_lr_mult})
+    overrides = tower_overrides(optim, towers or {"vision": 1.0})
     return get_megatron_optimizer(config, ddp_chunks, config_overrides=overrides, pg_collection=pg,
                                   use_gloo_process_groups=False)
 

@@ -117,21 +117,21 @@ class ResolvedPhase:
     min_pixels: int
     max_pixels: int
     max_text_len: int
-    freeze_text: bool
-    freeze_vision: bool
+    freeze: tuple = ()  # frozen towers
 
 
-INHERITED = ("min_pixels", "max_pixels", "max_text_len", "freeze_text", "freeze_vision")
+INHERITED = ("min_pixels", "max_pixels", "max_text_len", "freeze")
 
 
-def resolve_phases(sched: ScheduleConfig, data: DataConfig) -> list[ResolvedPhase]:
-    """Fill unset phase fields from the previous phase (the first from `data`) and validate.
+def resolve_phases(sched: ScheduleConfig, data: DataConfig, towers: Optional[tuple] = None) -> list[ResolvedPhase]:
+    """Fill unset phase fields from the previous phase (the first from `data`) and validate
+    (frozen towers against `towers`, the task's, when given).
 
     Phases must be listed in order: inheritance follows the listed order, so sorting them here
     would silently change what an unset field means. No phases: one phase with the data settings.
     """
     prev = {"min_pixels": data.min_pixels, "max_pixels": data.max_pixels,
-            "max_text_len": data.max_text_len, "freeze_text": False, "freeze_vision": False}
+            "max_text_len": data.max_text_len, "freeze": ()}
     configs = sched.phases or [None]
     resolved, problems = [], []
     for i, phase in enumerate(configs):
@@ -140,9 +140,10 @@ def resolve_phases(sched: ScheduleConfig, data: DataConfig) -> list[ResolvedPhas
         if phase is not None:
             values.update({k: getattr(phase, k) for k in INHERITED
                            if getattr(phase, k) is not None})
+            values["freeze"] = tuple(values["freeze"])
             start, name = phase.start_samples, phase.name or f"phase{i}"
         where = f"schedule.phases[{i}] ('{name}')"
-        problems += _phase_problems(where, i, start, values, resolved, sched)
+        problems += _phase_problems(where, i, start, values, resolved, sched, towers)
         resolved.append(ResolvedPhase(index=i, name=name, start_samples=start, **values))
         prev = values
     if problems:
@@ -151,7 +152,7 @@ def resolve_phases(sched: ScheduleConfig, data: DataConfig) -> list[ResolvedPhas
 
 
 def _phase_problems(where: str, i: int, start: int, values: dict,
-                    earlier: list[ResolvedPhase], sched: ScheduleConfig) -> list[str]:
+                    earlier: list[ResolvedPhase], sched: ScheduleConfig, towers: Optional[tuple]) -> list[str]:
     out = []
     if i == 0 and start != 0:
         out.append(f"{where}.start_samples={start} must be 0: the first phase starts training")
@@ -166,8 +167,13 @@ def _phase_problems(where: str, i: int, start: int, values: dict,
                    f"{values['max_pixels']} must satisfy 0 < min_pixels <= max_pixels")
     if values["max_text_len"] < 1:
         out.append(f"{where}.max_text_len={values['max_text_len']} must be a positive integer")
-    if values["freeze_text"] and values["freeze_vision"]:
-        out.append(f"{where} freezes both the text and the vision tower: nothing would train")
+    if towers is not None:
+        unknown = [t for t in values["freeze"] if t not in towers]
+        if unknown:
+            out.append(f"{where}.freeze names {', '.join(unknown)}, not a tower of this task "
+                       f"({', '.join(towers)})")
+        elif set(towers) <= set(values["freeze"]):
+            out.append(f"{where} freezes every tower ({', '.join(towers)}): nothing would train")
     return out
 
 

@@ -17,7 +17,7 @@ from finevit.config import Config
 from finevit.convert.siglip_text import ConversionError, check_hf_text_dir, load_hf_text, read_hf_text_dir
 from finevit.data.packing import PackedBatch
 from finevit.data.tokenizer import check_tokenizer
-from finevit.eval import corpus_schemas
+from finevit.eval import corpus_schemas, evaluate
 from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
 from finevit.train.optim import reload_main_params
@@ -45,6 +45,11 @@ class Stage1Task:
         self.text_len = cfg.data.max_text_len  # the phase's text length (pad target for "last")
         self.pg = None
         self.hf_positions = None  # position rows of model.text.init_from's tower (preflight reads it)
+
+    @classmethod
+    def problems(cls, cfg: Config) -> list[str]:
+        """Stage 1's sections (model.text, model.contrastive) are checked by config.validate."""
+        return []
 
     def build(self, pg, parallel=None) -> list:
         """This rank's chunks; `parallel` overrides cfg.parallel (a canonical TP=1, PP=1 copy)."""
@@ -85,7 +90,7 @@ class Stage1Task:
         for chunk in chunks:
             if unwrap_model(chunk).text is not None:
                 load_hf_text(unwrap_model(chunk).text, hf_state)
-        state.text_positions = self.hf_positions  # on every rank, text tower or not
+        state.task["text_positions"] = self.hf_positions  # on every rank, text tower or not
         log.info("text tower initialised from %s (%d position rows)", path, self.hf_positions)
         return True
 
@@ -96,10 +101,6 @@ class Stage1Task:
         return (f"contrastive batch: one packed micro-batch ({tokens} tokens) on each of {dp_size} "
                 f"data-parallel ranks, every image scored against the captions of all {dp_size}; "
                 f"{groups} (logged as contrastive_batch pairs and contrastive_groups)")
-
-    def lr_mults(self) -> dict:
-        o = self.cfg.optimizer
-        return {"vision": o.vision_lr_mult, "text": o.text_lr_mult, "loss": 1.0}
 
     # ------------------------------------------------------------------ a step
 
@@ -137,30 +138,35 @@ class Stage1Task:
 
         return out, loss_func
 
-    def flops(self, batch: PackedBatch) -> int:
+    def counts(self, batch: PackedBatch) -> tuple[int, int, int, float]:
+        """(images, patches, patch slots, model FLOPs of both towers)."""
         m = self.cfg.model
         text = text_train_flops(m.text, batch.num_images, self.text_len, m.contrastive.embed_dim)
-        return encoder_train_flops(m.vision, batch.grid_thw) + text
+        return batch.num_images, batch.num_tokens, batch.max_tokens, encoder_train_flops(m.vision, batch.grid_thw) + text
+
+    def evaluate(self, chunks: list, pg, phase: ResolvedPhase) -> Optional[dict]:
+        """Zero-shot retrieval and classification on eval.corpora."""
+        return evaluate(self.cfg, self, chunks, pg, phase)
 
     # ------------------------------------------------------------------ phases
 
-    def enter_phase(self, phase: ResolvedPhase, chunks: list, optimizer, loader, state) -> None:
-        """Apply a phase: resolution, text length, frozen towers; stretch text positions."""
-        loader.set_pixel_budget(phase.min_pixels, phase.max_pixels)
-        loader.set_max_text_len(phase.max_text_len)
+    def enter_phase(self, phase: ResolvedPhase, chunks: list, optimizer, state) -> None:
+        """The phase's text length and frozen text tower in the model; a longer text than trained
+        stretches the trained position rows over it (state.task["text_positions"])."""
         self.text_len = phase.max_text_len
         for chunk in chunks:
-            unwrap_model(chunk).text_frozen = phase.freeze_text
-        if state.text_positions == 0:  # a fresh run: the first phase's rows are the trained ones
-            state.text_positions = phase.max_text_len
-        elif phase.max_text_len > state.text_positions:
+            unwrap_model(chunk).text_frozen = "text" in phase.freeze
+        trained = state.task.get("text_positions", 0)
+        if trained == 0:  # a fresh run: the first phase's rows are the trained ones
+            state.task["text_positions"] = phase.max_text_len
+        elif phase.max_text_len > trained:
             tables = []
             for chunk in chunks:
                 if unwrap_model(chunk).text is not None:
-                    unwrap_model(chunk).text.extend_positions(state.text_positions, phase.max_text_len)
+                    unwrap_model(chunk).text.extend_positions(trained, phase.max_text_len)
                     tables.append(unwrap_model(chunk).text.position_embeddings.weight)
             reload_main_params(optimizer, tables)  # the fp32 main copy must follow the stretched rows
-            state.text_positions = phase.max_text_len
+            state.task["text_positions"] = phase.max_text_len
 
     def extra_metrics(self, chunks: list) -> dict:
         """The loss's temperature and bias (on the last stage, where the loss lives), and how many
@@ -173,6 +179,3 @@ class Stage1Task:
         if loss.logit_bias is not None:
             out["bias"] = float(loss.logit_bias.detach())
         return out
-
-    def frozen(self, phase: ResolvedPhase) -> set:
-        return {t for t, f in (("text", phase.freeze_text), ("vision", phase.freeze_vision)) if f}

@@ -7,7 +7,7 @@ rank's loader state) and each rank's RNG state (checkpointing/dist.py gathers pe
 RNG states are per rank and are then re-seeded).
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -20,10 +20,11 @@ class TrainState:
     step: int = 0  # optimizer steps attempted (skipped ones included)
     consumed_samples: int = 0  # images over all data-parallel ranks
     phase: int = 0  # index into the resolved progressive schedule
-    # Rows of the text position table trained so far; a phase with longer texts stretches them.
-    text_positions: int = 0
     skipped_steps: int = 0  # non-finite loss or gradients, over the whole run
     bad_in_a_row: int = 0
+    # The task's own state (plain data; stage 1: the text position rows trained so far). It
+    # describes the weights, so it travels with them, also on a weights-only load.
+    task: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,6 @@
-"""The one training loop (stage 1 now, stage 2 later): a task supplies the model, the inputs of a
-micro-batch, the loss and what a schedule phase changes; everything else lives here.
+"""The one training loop for every stage: a task (train/task.py states the contract) supplies the
+model, the inputs of a micro-batch, the loss, its evaluation and what a phase changes in the model;
+everything else lives here.
 
 A step: every rank reads `micro_batches_per_step` packed micro-batches from its data-parallel
 shard (TP/PP peers read the same ones), the LR is set for the samples the step completes,
@@ -25,7 +26,6 @@ from finevit.config import Config, to_yaml
 from finevit.config.validate import notes
 from finevit.data import PatchSpec, build_loader
 from finevit.data.loader import BadSampleBudget
-from finevit.eval import evaluate
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
 from finevit.parallel.schedule import forward_backward
@@ -97,9 +97,9 @@ class Trainer:
             self.chunks = [c.cuda() for c in self.chunks]
         self.ddp = wrap_ddp(self.chunks, cfg.parallel, self.pg)
         self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, self.pg,
-                                         self.chunks[0].config.params_dtype, self.task.lr_mults())
+                                         self.chunks[0].config.params_dtype, self._lr_mults(cfg.optimizer.lr_mult))
         self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
-        self.phases = resolve_phases(cfg.schedule, cfg.data)
+        self.phases = resolve_phases(cfg.schedule, cfg.data, self.task.towers)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
         self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
                                    self.dp_size, seed=cfg.precision.seed)
@@ -159,7 +159,7 @@ class Trainer:
             common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg, load_optimizer=False)
             # A new run (schedule, data and optimizer from the start) on the loaded weights, which
             # keep their trained text positions.
-            self.state = TrainState(text_positions=common["train"].get("text_positions", 0))
+            self.state = TrainState(task=common["train"].get("task", {}))
             log.info("started from the weights of %s", path)
             return
         # Match the checkpoint's param groups under the settings it was saved with, then put
@@ -167,7 +167,7 @@ class Trainer:
         current = group_settings(self.optimizer)
         saved = yaml.safe_load(ckpt.read_common(path).get("config", "{}")).get("optimizer", {})
         if "lr" in saved:
-            mults = {t: saved.get(f"{t}_lr_mult", 1.0) for t in self.task.towers}
+            mults = self._lr_mults(saved.get("lr_mult", {}))
             set_group_settings(self.optimizer, saved_group_settings(self.optimizer, saved, mults))
         common = ckpt.load_checkpoint(path, self.ddp, self.optimizer, self.pg)
         set_group_settings(self.optimizer, current)
@@ -175,12 +175,18 @@ class Trainer:
         log.info("resumed from %s at step %d (%d samples, phase %d)", path, self.state.step,
                  self.state.consumed_samples, self.state.phase)
 
+    def _lr_mults(self, configured: dict) -> dict:
+        """Every tower's LR multiplier (1.0 where the config names none)."""
+        return {t: configured.get(t, 1.0) for t in self.task.towers}
+
     def _enter_phase(self, index: int, announce: bool = False) -> None:
         phase = self.phases[index]
         if index != self.state.phase or announce:
             log.info("phase %d '%s' from %d samples: %s", index, phase.name, self.state.consumed_samples,
                      phase_summary(phase))
-        self.task.enter_phase(phase, self.chunks, self.optimizer, self.loader, self.state)
+        self.loader.set_pixel_budget(phase.min_pixels, phase.max_pixels)
+        self.loader.set_max_text_len(phase.max_text_len)
+        self.task.enter_phase(phase, self.chunks, self.optimizer, self.state)
         self.state.phase = index
 
     # ------------------------------------------------------------------ the loop
@@ -222,13 +228,12 @@ class Trainer:
         timers.stop("data")
         # Every count of a step is global: summed over the data-parallel replicas (TP/PP peers
         # hold the same batches, so the DP group is enough).
-        counts = torch.tensor([sum(b.num_images for b in batches), sum(b.num_tokens for b in batches),
-                               sum(b.max_tokens for b in batches), sum(self.task.flops(b) for b in batches)],
+        counts = torch.tensor([sum(column) for column in zip(*(self.task.counts(b) for b in batches))],
                               dtype=torch.float64, device=self._device)
         torch.distributed.all_reduce(counts, group=self.pg.dp)
         images = int(counts[0])
         lr = self.scheduler.apply(state.consumed_samples, images)
-        set_frozen(self.optimizer, self.task.frozen(self.phases[state.phase]))
+        set_frozen(self.optimizer, set(self.phases[state.phase].freeze))
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -332,7 +337,7 @@ class Trainer:
         self._saved_step = self.state.step
 
     def evaluate(self) -> Optional[dict]:
-        result = evaluate(self.cfg, self.task, self.ddp, self.pg, self.phases[self.state.phase])
+        result = self.task.evaluate(self.ddp, self.pg, self.phases[self.state.phase])
         if result is not None:
             self.metrics.log(self.state.step, result, prefix="eval")
         return result

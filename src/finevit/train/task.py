@@ -1,0 +1,82 @@
+"""The contract between the one training loop and a stage: what a task supplies, and nothing else.
+
+The loop (train/trainer.py) owns process groups, the optimizer and LR schedule, data loading and
+the phase schedule's data settings (pixel budget, text length), per-tower LR multipliers and
+freezing (`optimizer.lr_mult`, `schedule.phases[].freeze`, keyed by the task's tower names),
+checkpoints and resume, the loss guard, logging. A task supplies the model, how a micro-batch
+feeds it and what the loss is, the FLOPs and counts of a batch, what a phase changes in the model,
+its evaluation and its own checkpointed state. Adding a stage is a new class registered in TASKS.
+"""
+
+import importlib
+from typing import Any, Optional, Protocol
+
+# name -> "module:Class"; imported on demand (a stage's imports cost nothing to the others)
+TASKS = {"stage1": "finevit.train.stage1:Stage1Task"}
+
+
+class Task(Protocol):
+    name: str
+    towers: tuple[str, ...]  # parameter groups by tower (parameters carry `finevit_tower`)
+    step_metrics: dict[str, str]  # value the loss function logs per micro-batch -> step metric
+
+    @classmethod
+    def problems(cls, cfg) -> list[str]:
+        """The task's own config problems (its sections, tower names), one sentence each."""
+
+    def preflight(self) -> list[str]:
+        """Problems of the task's inputs (init_from directories, its data), before anything starts."""
+
+    def build(self, pg, parallel=None) -> list:
+        """This rank's model chunks; `parallel` overrides cfg.parallel (a canonical TP=1, PP=1 copy)."""
+
+    def init_weights(self, chunks: list, state) -> bool:
+        """Start a run from scratch (e.g. a tower from a Hugging Face directory); whether weights
+        were loaded. May set its entries of `state.task`."""
+
+    def batch_note(self, dp_size: int) -> str:
+        """One line at the start of a run: what a step's batch is."""
+
+    def inputs(self, batch) -> dict:
+        """A micro-batch from the loader -> what `forward` takes."""
+
+    def forward(self, chunk, micro_batch: dict, collect: Optional[list] = None) -> tuple[Any, Any]:
+        """megatron's forward_step: (output, loss_func(output) -> (loss, logs))."""
+
+    def counts(self, batch) -> tuple[int, int, int, float]:
+        """(samples, useful tokens, token slots, model FLOPs) of a micro-batch."""
+
+    def enter_phase(self, phase, chunks: list, optimizer, state) -> None:
+        """What a phase changes in the model (the loop has applied its data settings and freezing)."""
+
+    def evaluate(self, chunks: list, pg, phase) -> Optional[dict]:
+        """Held-out metrics (on the reporting ranks; None elsewhere). Collective."""
+
+    def extra_metrics(self, chunks: list) -> dict:
+        """Values logged with each training report (e.g. a loss temperature)."""
+
+
+def task_class(name: str) -> type:
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def task_problems(cfg) -> list[str]:
+    """Config problems the task finds (after config.validate's own), or the unknown task name."""
+    if cfg.task not in TASKS:
+        return [f"task='{cfg.task}' is not one of {', '.join(TASKS)}"]
+    cls = task_class(cfg.task)
+    out = [f"optimizer.lr_mult names {t}, not a tower of {cfg.task} ({', '.join(cls.towers)})"
+           for t in cfg.optimizer.lr_mult if t not in cls.towers]
+    out += [f"optimizer.lr_mult.{t}={m} must be positive (freeze a tower with schedule.phases[].freeze)"
+            for t, m in cfg.optimizer.lr_mult.items() if not m > 0]
+    from finevit.config import ConfigError
+    from finevit.train.schedules import resolve_phases
+
+    try:
+        resolve_phases(cfg.schedule, cfg.data, cls.towers)
+    except ConfigError as e:
+        out += e.problems
+    return out + cls.problems(cfg)
