@@ -2,7 +2,7 @@
 
 Run through tests/parallel/test_multirank.py (4 gloo ranks), or alone:
 python -m torch.distributed.run --standalone --nproc_per_node=4 -m pytest -q \
-    -p no:cacheprovider tests/train/dist_checkpoint.py
+    -p no:cacheprovider tests/checkpointing/dist_checkpoint.py
 """
 
 import shutil
@@ -249,3 +249,40 @@ def test_keep_last_and_latest_fallback(parallel_groups, shared_dir):
     torch.distributed.barrier()
     assert find_latest(shared_dir) == shared_dir / "step_000030"
     assert find_latest(shared_dir / "missing") is None
+
+
+def test_a_tp2_stage1_checkpoint_loads_as_the_vlm_encoder_at_tp1(parallel_groups, shared_dir):
+    """Stage 2 starts its encoder from stage 1: a SigLIP checkpoint saved at TP=2 gives the VLM
+    built at TP=1 the same encoder (identical patch states); the merger, which stage 1 lacks, stays."""
+    from finevit.config import ModelConfig
+    from finevit.config.model import ContrastiveConfig, LLMConfig, TextConfig
+    from finevit.models.siglip import build_siglip
+    from finevit.models.vlm import build_vlm
+    from finevit.checkpointing.dist import load_module_weights
+    from unit_scale import randomize_
+
+    llm = LLMConfig(vocab_size=64, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2,
+                    ffn_hidden_size=48, mrope_section=[2, 3, 3])
+    model = ModelConfig(vision=VISION, llm=llm, text=TextConfig(vocab_size=64, max_positions=8, num_layers=1,
+                                                                 hidden_size=32, num_heads=2, ffn_hidden_size=48),
+                        contrastive=ContrastiveConfig(embed_dim=16, pool_heads=2))
+    pg2 = parallel_groups(tp=2)
+    (stage1,) = build_siglip(model, ParallelConfig(tensor=2), pg2)
+    randomize_(stage1.vision, seed=7)  # replicated weights agree across TP ranks; shards may repeat
+    save_checkpoint(shared_dir, 1, [stage1], None, {}, pg2)
+    grid = torch.tensor(GRIDS[0])
+    pixels = batches(3)[0]["pixels"]
+    with torch.no_grad():
+        reference = stage1.vision(pixels, grid, SEQ)  # [S, h] patch states (no merger in stage 1)
+
+    pg1 = parallel_groups(tp=1)
+    vlm = build_vlm(model, ParallelConfig(), pg1)
+    merger = {n: p.detach().clone() for n, p in vlm.vision.merger.named_parameters()}
+    kept = load_module_weights(find_latest(shared_dir), vlm.vision, "vision.", exclude=("merger.",))
+    assert sorted(kept) == sorted(f"merger.{n}" for n in merger)
+    assert all(torch.equal(p, merger[n]) for n, p in vlm.vision.merger.named_parameters())
+    vlm.vision.merger = None  # compare the patch states themselves
+    vlm.vision.post_process = True
+    with torch.no_grad():
+        out = vlm.vision(pixels, grid, SEQ)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

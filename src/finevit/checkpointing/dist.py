@@ -368,3 +368,24 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_module_weights(path, module, prefix: str, exclude: tuple = ()) -> list[str]:
+    """Load one module's weights from a finevit checkpoint of any TP / PP layout, e.g. stage 1's
+    encoder (`prefix` "vision.") into stage 2's VLM. Collective. Parameters under `exclude`
+    (prefixes inside the module, e.g. "merger.", which stage 1 does not have) keep their values;
+    returns their names."""
+    path = files.check_complete(Path(path))
+    files.verify_loadable(path)  # before megatron unpickles anything of it
+    sharded = {k: v for k, v in unwrap_model(module).sharded_state_dict(prefix=prefix).items()
+               if not k[len(prefix):].startswith(exclude)}
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(path))
+        result = unwrap_model(module).load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
+    kept = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in kept if not k.startswith(exclude)] + list(result.unexpected_keys)
+    if unexpected:
+        raise files.CheckpointError(f"{path} does not hold every weight of the module under '{prefix}' "
+                                    f"(e.g. {unexpected[:3]})")
+    logger.info("loaded %s from %s (kept as they were: %s)", prefix.rstrip("."), path, ", ".join(exclude) or "nothing")
+    return kept
