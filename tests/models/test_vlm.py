@@ -94,3 +94,21 @@ def test_logits_equal_hugging_face(solo_groups):
             print(f"sample of {len(tokens)} tokens: max |ours - HF| = {diff:.2e}, logits std {theirs.std():.2f}")
             assert diff < 1e-4
             start += len(tokens)
+
+
+def test_parameters_carry_their_tower_and_a_step_counts_both_towers_flops(solo_groups):
+    from finevit.models.llm.flops import llm_train_flops
+    from finevit.models.towers import TOWER_ATTR
+    from finevit.models.vlm.flops import vlm_train_flops
+
+    model = build_vlm(ModelConfig(vision=VISION, llm=LLM), ParallelConfig(), solo_groups, use_te=False)
+    towers = {n.split(".")[0] + (".merger" if ".merger." in n else ""): getattr(p, TOWER_ATTR)
+              for n, p in model.named_parameters()}
+    assert towers == {"vision": "vision", "vision.merger": "projector", "llm": "llm"}
+    # One 4x6-patch image (h 32, ffn 48, 2 layers, patch_dim 1176; merged width 128 -> 64) and one
+    # 15-token sample (the LLM's count, checked on its own in test_llm.py).
+    n, h, f = 24, 32, 48
+    per_layer = 2 * n * h * 3 * h + 2 * n * h * h + 2 * n * h * 2 * f + 2 * n * f * h + 4 * n * n * h
+    encoder = 2 * n * VISION.patch_dim * h + 2 * per_layer + 2 * 6 * 128 * 128 + 2 * 6 * 128 * 64
+    assert vlm_train_flops(ModelConfig(vision=VISION, llm=LLM), torch.tensor([[1, 4, 6]]), [15]) == \
+        3 * encoder + llm_train_flops(LLM, [15])

@@ -23,13 +23,13 @@ from finevit.models.contrastive import ContrastiveLoss
 from finevit.models.pooling import VisionHead
 from finevit.models.text.build import build_text_encoder
 from finevit.models.text.encoder import TextEncoder, pad_to_length
+from finevit.models.towers import tag
 from finevit.models.vision.build import build_vision_encoder
 from finevit.models.vision.encoder import FineViTEncoder
 from finevit.parallel.groups import solo_collection
 
-# "vision" | "text" | "loss" on every parameter: per-tower LR, freezing, gradient norms. The loss's
-# temperature and bias are their own tower so that they keep learning while a tower is frozen.
-TOWER_ATTR = "finevit_tower"
+# "vision" | "text" | "loss" on every parameter (models/towers.py). The loss's temperature and bias
+# are their own tower so that they keep learning while a tower is frozen.
 
 
 class SigLIPChunk(MegatronModule):
@@ -46,8 +46,7 @@ class SigLIPChunk(MegatronModule):
         self.head, self.text, self.loss = head, text, loss
         self.text_frozen = False
         for module, tower in ((vision, "vision"), (head, "vision"), (text, "text"), (loss, "loss")):
-            for p in module.parameters() if module is not None else ():
-                setattr(p, TOWER_ATTR, tower)
+            tag(module, tower)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.vision.set_input_tensor(input_tensor)

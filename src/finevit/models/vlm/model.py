@@ -14,12 +14,20 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from finevit.models.llm.packing import LLMPackedSeqParams
+from finevit.models.towers import tag
 
 
 class FineViTVLM(MegatronModule):
+    # Towers: "vision" (the encoder), "projector" (its merger), "llm"; each its own LR multiplier
+    # and freezing (e.g. a projector-only warm-up).
+    towers = ("vision", "projector", "llm")
+
     def __init__(self, vision, llm):
         super().__init__(config=llm.config)
         self.vision, self.llm = vision, llm
+        tag(vision, "vision")
+        tag(vision.merger, "projector")
+        tag(llm, "llm")
         self.sequence_parallel = llm.config.sequence_parallel
         self.tp_group = llm.pg_collection.tp
 
