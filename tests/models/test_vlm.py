@@ -35,12 +35,12 @@ SAMPLES = [(sample([[5, 6, 7], [8, 9, 10, 11]], [0]), [0]),
            (sample([[12, 13], [14], [15, 16, 17]], [1, 2]), [1, 2])]
 
 
-def hf_vlm():
+def hf_vlm(llm=LLM):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = conv.hf_config_from_llm(LLM)
+    text = conv.hf_config_from_llm(llm)
     text.pop("architectures"), text.pop("model_type")
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": list(LLM.mrope_section)}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": list(llm.mrope_section)}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=hf_config_from_vision(VISION).to_dict(),
                               image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END,
                               video_token_id=98)

@@ -23,19 +23,34 @@ class FineViTVLM(MegatronModule):
     towers = ("vision", "projector", "llm")
 
     def __init__(self, vision, llm):
+        """vision: the encoder with its merger (None on all but the first pipeline stage)."""
         super().__init__(config=llm.config)
         self.vision, self.llm = vision, llm
-        tag(vision, "vision")
-        tag(vision.merger, "projector")
-        tag(llm, "llm")
+        self.pre_process, self.post_process = llm.pre_process, llm.post_process
+        # Read by megatron's schedules and finalize_model_grads (tied embeddings across stages).
+        self.model_type = llm.model_type
+        self.share_embeddings_and_output_weights = llm.share_embeddings_and_output_weights
         self.sequence_parallel = llm.config.sequence_parallel
         self.tp_group = llm.pg_collection.tp
+        tag(vision, "vision")
+        tag(vision.merger if vision is not None else None, "projector")
+        tag(llm, "llm")
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.llm.shared_embedding_or_output_weight()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, input_ids: torch.Tensor,
                 image_mask: torch.Tensor, position_ids: torch.Tensor, packed_seq_params: LLMPackedSeqParams,
                 vit_tokens: int = None) -> torch.Tensor:
         """image_mask [s] bool; vit_tokens: the encoder's padded patch count (default: all of
-        pixel_values). Returns logits [1, s, V / tp]."""
+        pixel_values). Returns logits [1, s, V / tp] on the last pipeline stage, the hidden states
+        [s, 1, h] for the next stage elsewhere (every stage needs the positions: M-RoPE's table
+        is computed per stage)."""
+        if not self.pre_process:  # the previous stage's hidden states arrive by set_input_tensor
+            return self.llm(input_ids, position_ids, None, packed_seq_params=packed_seq_params)
         images = self.vision(pixel_values, grid_thw, vit_tokens)  # [S/4, h]: real rows first
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=None)  # [s, 1, h], not scattered
         mask = image_mask.to(embeds.device).view(-1, 1, 1).expand_as(embeds)
