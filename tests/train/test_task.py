@@ -3,7 +3,7 @@
 import pytest
 
 from finevit.config import load_config
-from finevit.train.task import TASKS, task_class, task_problems
+from finevit.train.task import TASKS, Registered, task_class, task_problems
 
 from tiny_stage1 import DEMO_CONFIG
 
@@ -24,8 +24,8 @@ def test_tower_names_are_the_tasks(overrides, expected):
 def test_every_registered_task_states_the_contract():
     for name in TASKS:
         cls = task_class(name)
-        assert cls.name == name and cls.towers
-        for method in ("problems", "preflight", "build", "init_weights", "batch_note", "inputs", "forward",
+        assert cls.name == name and cls.towers == TASKS[name].towers
+        for method in ("preflight", "build", "init_weights", "batch_note", "inputs", "forward",
                        "counts", "enter_phase", "evaluate", "extra_metrics"):
             assert callable(getattr(cls, method, None)), f"{name} lacks {method}"
 
@@ -38,10 +38,6 @@ class PixelMeanTask:
 
     def __init__(self, cfg):
         self.cfg = cfg
-
-    @classmethod
-    def problems(cls, cfg) -> list[str]:
-        return []
 
     def preflight(self) -> list[str]:
         return []
@@ -96,7 +92,7 @@ def test_a_new_task_trains_and_resumes_on_the_unchanged_loop(dist, stage1_corpus
     from finevit.train import main
     from tiny_stage1 import tiny_overrides
 
-    monkeypatch.setitem(TASKS, "pixel_mean", f"{__name__}:PixelMeanTask")
+    monkeypatch.setitem(TASKS, "pixel_mean", Registered(f"{__name__}:PixelMeanTask", ("vision",)))
     corpus, tokenizer = stage1_corpus
 
     def run(name: str, *extra: str) -> dict:

@@ -22,6 +22,7 @@ from finevit.models.siglip import build_siglip
 from finevit.models.vision.flops import encoder_train_flops
 from finevit.train.optim import reload_main_params
 from finevit.train.schedules import ResolvedPhase
+from finevit.train.task import TASKS
 
 log = logging.getLogger("finevit.train")
 
@@ -34,7 +35,7 @@ def text_train_flops(text, n: int, length: int, embed_dim: int) -> int:
 
 class Stage1Task:
     name = "stage1"
-    towers = ("vision", "text", "loss")
+    towers = TASKS["stage1"].towers
     # Values the loss function logs per micro-batch -> step metric (mean over a step's groups):
     # the contrastive batch, i.e. the pairs of one micro-batch across all data-parallel ranks.
     step_metrics = {"pairs": "contrastive_batch"}
@@ -45,11 +46,6 @@ class Stage1Task:
         self.text_len = cfg.data.max_text_len  # the phase's text length (pad target for "last")
         self.pg = None
         self.hf_positions = None  # position rows of model.text.init_from's tower (preflight reads it)
-
-    @classmethod
-    def problems(cls, cfg: Config) -> list[str]:
-        """Stage 1's sections (model.text, model.contrastive) are checked by config.validate."""
-        return []
 
     def build(self, pg, parallel=None) -> list:
         """This rank's chunks; `parallel` overrides cfg.parallel (a canonical TP=1, PP=1 copy)."""

@@ -9,20 +9,28 @@ its evaluation and its own checkpointed state. Adding a stage is a new class reg
 """
 
 import importlib
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-# name -> "module:Class"; imported on demand (a stage's imports cost nothing to the others)
-TASKS = {"stage1": "finevit.train.stage1:Stage1Task"}
+
+@dataclass(frozen=True)
+class Registered:
+    """A task as the registry knows it without importing it (checking a config must not pay for
+    megatron): where its class is, its towers, and optionally a light function
+    `problems(cfg) -> list[str]` for its own config sections."""
+
+    cls: str  # "module:Class"
+    towers: tuple[str, ...]
+    problems: Optional[str] = None  # "module:function"
+
+
+TASKS = {"stage1": Registered("finevit.train.stage1:Stage1Task", ("vision", "text", "loss"))}
 
 
 class Task(Protocol):
     name: str
     towers: tuple[str, ...]  # parameter groups by tower (parameters carry `finevit_tower`)
     step_metrics: dict[str, str]  # value the loss function logs per micro-batch -> step metric
-
-    @classmethod
-    def problems(cls, cfg) -> list[str]:
-        """The task's own config problems (its sections, tower names), one sentence each."""
 
     def preflight(self) -> list[str]:
         """Problems of the task's inputs (init_from directories, its data), before anything starts."""
@@ -56,27 +64,32 @@ class Task(Protocol):
         """Values logged with each training report (e.g. a loss temperature)."""
 
 
+def _resolve(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def task_class(name: str) -> type:
     if name not in TASKS:
         raise ValueError(f"unknown task '{name}' (one of {', '.join(TASKS)})")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _resolve(TASKS[name].cls)
 
 
 def task_problems(cfg) -> list[str]:
-    """Config problems the task finds (after config.validate's own), or the unknown task name."""
+    """Config problems of the task (tower names, its phases, its own sections), after
+    config.validate's own, or the unknown task name. Imports no model code."""
     if cfg.task not in TASKS:
         return [f"task='{cfg.task}' is not one of {', '.join(TASKS)}"]
-    cls = task_class(cfg.task)
-    out = [f"optimizer.lr_mult names {t}, not a tower of {cfg.task} ({', '.join(cls.towers)})"
-           for t in cfg.optimizer.lr_mult if t not in cls.towers]
+    entry = TASKS[cfg.task]
+    out = [f"optimizer.lr_mult names {t}, not a tower of {cfg.task} ({', '.join(entry.towers)})"
+           for t in cfg.optimizer.lr_mult if t not in entry.towers]
     out += [f"optimizer.lr_mult.{t}={m} must be positive (freeze a tower with schedule.phases[].freeze)"
             for t, m in cfg.optimizer.lr_mult.items() if not m > 0]
     from finevit.config import ConfigError
     from finevit.train.schedules import resolve_phases
 
     try:
-        resolve_phases(cfg.schedule, cfg.data, cls.towers)
+        resolve_phases(cfg.schedule, cfg.data, entry.towers)
     except ConfigError as e:
         out += e.problems
-    return out + cls.problems(cfg)
+    return out + (_resolve(entry.problems)(cfg) if entry.problems else [])
