@@ -28,11 +28,9 @@ from typing import Any, Mapping
 import torch
 
 from finevit.config.model import LLMConfig
-from finevit.convert.qwen2_5_vl import ConversionError
+from finevit.convert.qwen2_5_vl import ConversionError, local_to_te  # the same fused-norm names
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-_TE_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,36 +155,14 @@ def canonical_to_hf(state: Mapping[str, torch.Tensor], llm: LLMConfig) -> dict[s
     return {k: v.clone() for k, v in out.items()}
 
 
-def local_to_te(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Local spec names -> transformer-engine spec names (norm weights into the fused linears)."""
-    out = {}
-    for name, value in state.items():
-        for local, te in _TE_NORMS.items():
-            if name.endswith(local) and ".layers." in name:
-                name = name[: -len(local)] + te
-        out[name] = value
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face model directory (save_pretrained: config.json + safetensors, sharded or not)
 
 
 def read_hf_llm_dir(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from finevit.convert.hf_dir import read_safetensors_dir
 
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    missing = [f for f in files if not (root / f).is_file()]
-    if missing:
-        raise ConversionError(f"{path} lacks its safetensors weights ({', '.join(missing)}); save the model "
-                              "with save_pretrained(safe_serialization=True).")
-    state = {}
-    for f in files:
-        with safe_open(str(root / f), framework="pt") as shard:
-            state.update({k: shard.get_tensor(k) for k in shard.keys()})
-    return state
+    return read_safetensors_dir(path)
 
 
 @torch.no_grad()

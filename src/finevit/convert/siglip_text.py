@@ -256,23 +256,9 @@ def check_hf_text_dir(path: str, text: TextConfig, embed_dim: int) -> int:
 def read_hf_text_dir(path: str) -> dict[str, torch.Tensor]:
     """The text tower's tensors from a model directory's safetensors (one file or an index of
     shards), reading only the text keys."""
-    from safetensors import safe_open
+    from finevit.convert.hf_dir import read_safetensors_dir
 
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if k.startswith(HF_PREFIX)})
-    else:
-        files = ["model.safetensors"]
-    if not all((root / f).is_file() for f in files):
-        raise ConversionError(f"{path} has no safetensors weights ({', '.join(files)}); save the "
-                              "model with save_pretrained(safe_serialization=True).")
-    state = {}
-    for f in files:
-        with safe_open(str(root / f), framework="pt") as shard:
-            state.update({k: shard.get_tensor(k) for k in shard.keys() if k.startswith(HF_PREFIX)})
-    return text_tower_state(state)
+    return text_tower_state(read_safetensors_dir(path, lambda key: key.startswith(HF_PREFIX)))
 
 
 @torch.no_grad()

@@ -65,8 +65,8 @@ class Stage1Task:
         if not tokenizer:
             out.append("data.tokenizer is not set: stage 1 tokenises captions (and class prompts) with "
                        "a sentencepiece model (data_tools/train_tokenizer.py trains one)")
-        elif check_tokenizer(tokenizer) > vocab:
-            out.append(f"data.tokenizer={tokenizer} has {check_tokenizer(tokenizer)} pieces but "
+        elif (pieces := check_tokenizer(tokenizer)) > vocab:
+            out.append(f"data.tokenizer={tokenizer} has {pieces} pieces but "
                        f"model.text.vocab_size={vocab}: set model.text.vocab_size to at least that")
         text = self.cfg.model.text
         if text.init_from:

@@ -18,10 +18,6 @@ from finevit.models.towers import tag
 
 
 class FineViTVLM(MegatronModule):
-    # Towers: "vision" (the encoder), "projector" (its merger), "llm"; each its own LR multiplier
-    # and freezing (e.g. a projector-only warm-up).
-    towers = ("vision", "projector", "llm")
-
     def __init__(self, vision, llm):
         """vision: the encoder with its merger (None on all but the first pipeline stage)."""
         super().__init__(config=llm.config)
@@ -32,6 +28,8 @@ class FineViTVLM(MegatronModule):
         self.share_embeddings_and_output_weights = llm.share_embeddings_and_output_weights
         self.sequence_parallel = llm.config.sequence_parallel
         self.tp_group = llm.pg_collection.tp
+        # Towers "vision" (the encoder), "projector" (its merger), "llm": each its own LR
+        # multiplier and freezing (e.g. a projector-only warm-up).
         tag(vision, "vision")
         tag(vision.merger if vision is not None else None, "projector")
         tag(llm, "llm")
