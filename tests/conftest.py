@@ -98,3 +98,25 @@ def stage1_corpus(tmp_path_factory):
     finally:
         corpus.close()
     return out, model
+
+
+@pytest.fixture(scope="session")
+def stage2_corpus(tmp_path_factory):
+    """(corpus dir with finecap/{train,heldout}, LLM tokenizer directory) for stage-2 runs (see
+    tiny_stage2.py), built once per session."""
+    from finevit.data.corpus import open_corpus
+    from finevit.data.demo import write_demo_corpus
+    from finevit.data.llm_tokenizer import train_llm_tokenizer
+    from finevit.data.tokenizer import corpus_texts
+
+    out = tmp_path_factory.mktemp("stage2_demo")
+    write_demo_corpus(str(out), seed=0, train=64, heldout=16, schemas=("finecap",))
+    corpus = open_corpus(str(out / "finecap" / "train"))
+    try:
+        texts = list(corpus_texts(corpus))
+    finally:
+        corpus.close()
+    questions = ["Describe this image in detail.", "Describe the region", "Read the text in the region",
+                 "Locate in the image. Answer with its box.", "Where is the text? Answer with its box.",
+                 "user\n", "assistant\n", "system\n"] + [f"[{i}, {i + 1}, {i + 2}, {i + 3}]" for i in range(0, 200, 7)]
+    return out, train_llm_tokenizer(texts + questions * 20, str(out / "llm_tokenizer"), vocab_size=480)

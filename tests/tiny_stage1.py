@@ -3,6 +3,7 @@
 import os
 
 from finevit.config import load_config
+from tiny_runs import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "stage1", "demo_cpu.yaml")
@@ -17,14 +18,11 @@ def tiny_overrides(corpus_dir, tokenizer, run_dir, **extra) -> list[str]:
         "model.text.max_positions": 64, "model.contrastive.embed_dim": 32,
         "model.contrastive.pool_heads": 2, "parallel.tensor": 1,
         "data.corpora": f"[{{path: {corpus_dir}/recaption/train}}]", "data.tokenizer": tokenizer,
-        "data.min_pixels": 3136, "data.max_pixels": 12544, "data.max_tokens": 256,
-        "data.max_text_len": 64, "data.num_workers": 0, "data.pack_lookahead": 8,
-        "eval.corpora": f"[{{path: {corpus_dir}/recaption/heldout}}]", "eval.at_start": False,
-        "schedule.train_samples": 80, "schedule.warmup_samples": 8,
+        "data.max_text_len": 64, "eval.corpora": f"[{{path: {corpus_dir}/recaption/heldout}}]",
+        "schedule.train_samples": 80,
         "schedule.phases": "[{start_samples: 0, max_pixels: 6272, max_text_len: 32},"
                            " {start_samples: 40, max_pixels: 12544, max_text_len: 64}]",
-        "checkpoint.save_interval": 1000, "logging.run_dir": str(run_dir), "logging.log_interval": 1,
-        "logging.tensorboard": False,
+        **run_settings(run_dir),
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -26,15 +26,11 @@ def add_doctor(sub) -> None:
 
 def _run_config_show(args: argparse.Namespace) -> int:
     from finevit.config import ConfigError, load_config, to_yaml
-    from finevit.config.validate import problems
-    from finevit.train.task import task_problems
+    from finevit.train.task import check_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-        found = problems(cfg, args.world_size)
-        found += task_problems(cfg) if not found else []
-        if found:
-            raise ConfigError(found)
+        check_config(cfg, args.world_size)
     except ConfigError as e:
         for problem in e.problems:
             print(f"finevit config: {problem}", file=sys.stderr)

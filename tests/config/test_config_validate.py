@@ -3,6 +3,7 @@
 import pytest
 
 from finevit.config import Config, ConfigError, load_config, validate
+from finevit.train.task import check_config
 
 TINY = ["model.vision.num_layers=2", "model.vision.hidden_size=64", "model.vision.num_heads=4",
         "model.vision.ffn_hidden_size=128", "model.vision.out_hidden_size=64"]
@@ -10,7 +11,7 @@ TINY = ["model.vision.num_layers=2", "model.vision.hidden_size=64", "model.visio
 
 def problems(overrides, world_size=None) -> list:
     with pytest.raises(ConfigError) as e:
-        validate(load_config(None, overrides), world_size)
+        check_config(load_config(None, overrides), world_size)  # shared sections, then stage 1's
     assert str(e.value) == "\n".join(e.value.problems)
     return e.value.problems
 
@@ -124,7 +125,7 @@ def test_zero_sizes_are_reported_not_divided_by():
 
 
 def test_notes_say_that_accumulation_makes_separate_contrastive_groups():
-    from finevit.config.validate import notes
+    from finevit.config.stage1 import notes
 
     assert notes(load_config(None, ["schedule.micro_batches_per_step=1"])) == []
     (note,) = notes(load_config(None, ["schedule.micro_batches_per_step=4"]))

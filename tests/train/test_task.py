@@ -9,7 +9,7 @@ from tiny_stage1 import DEMO_CONFIG
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["task=stage3"], ["task='stage3' is not one of stage1"]),
+    (["task=stage3"], ["task='stage3' is not one of stage1, stage2"]),
     (["optimizer.lr_mult={txt: 0.1}"], ["optimizer.lr_mult names txt, not a tower of stage1 (vision, text, loss)"]),
     (["optimizer.lr_mult={text: 0}"],
      ["optimizer.lr_mult.text=0.0 must be positive (freeze a tower with schedule.phases[].freeze)"]),
@@ -25,9 +25,10 @@ def test_every_registered_task_states_the_contract():
     for name in TASKS:
         cls = task_class(name)
         assert cls.name == name and cls.towers == TASKS[name].towers
-        for method in ("preflight", "build", "init_weights", "batch_note", "inputs", "forward",
-                       "counts", "enter_phase", "evaluate", "extra_metrics"):
+        for method in ("preflight", "build", "init_weights", "batch_note", "build_loader", "start_step",
+                       "inputs", "forward", "counts", "enter_phase", "evaluate", "extra_metrics"):
             assert callable(getattr(cls, method, None)), f"{name} lacks {method}"
+        assert isinstance(getattr(cls, "seq_length", None), property), f"{name} lacks seq_length"
 
 
 class PixelMeanTask:
@@ -54,6 +55,18 @@ class PixelMeanTask:
 
     def batch_note(self, dp_size: int) -> str:
         return f"pixel-mean regression on {dp_size} data-parallel ranks"
+
+    def build_loader(self, dp_rank: int, dp_size: int):
+        from finevit.data import PatchSpec, build_loader
+
+        return build_loader(self.cfg.data, PatchSpec.from_vision(self.cfg.model.vision), dp_rank, dp_size)
+
+    @property
+    def seq_length(self) -> int:
+        return self.cfg.data.max_tokens
+
+    def start_step(self, batches) -> None:
+        pass
 
     def inputs(self, batch) -> dict:
         return {"pixel_values": batch.pixel_values, "grid_thw": batch.grid_thw, "n": batch.num_tokens}

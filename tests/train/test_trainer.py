@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from finevit.train.stage1 import Stage1Task
 from finevit.train.trainer import Trainer, TrainingError
 
+from tiny_runs import losses, tower_params
 from tiny_stage1 import tiny_config
 
 
@@ -25,16 +26,6 @@ def run(cfg, **hooks):
     finally:
         trainer.close()
     return trainer
-
-
-def losses(run_dir) -> dict:
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    return {r["step"]: (r["loss"], r["phase"], r["samples"]) for r in rows if r["kind"] == "train"}
-
-
-def tower_params(trainer, tower):
-    return {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()
-            if getattr(p, "finevit_tower", None) == tower}
 
 
 @pytest.fixture

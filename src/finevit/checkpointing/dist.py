@@ -374,14 +374,21 @@ def load_module_weights(path, module, prefix: str, exclude: tuple = ()) -> list[
     """Load one module's weights from a finevit checkpoint of any TP / PP layout, e.g. stage 1's
     encoder (`prefix` "vision.") into stage 2's VLM. Collective. Parameters under `exclude`
     (prefixes inside the module, e.g. "merger.", which stage 1 does not have) keep their values;
-    returns their names."""
+    returns their names. A rank without the module (a later pipeline stage) passes None and
+    takes part in the collective load with nothing to read."""
     path = files.check_complete(Path(path))
     files.verify_loadable(path)  # before megatron unpickles anything of it
+    if module is None:
+        with torch.no_grad():
+            dist_checkpointing.load({}, str(path))
+        return []
     sharded = {k: v for k, v in unwrap_model(module).sharded_state_dict(prefix=prefix).items()
                if not k[len(prefix):].startswith(exclude)}
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(path))
-        result = unwrap_model(module).load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
+        # `loaded` also holds the checkpoint's common (non-sharded) entries, e.g. "optimizer"
+        result = unwrap_model(module).load_state_dict(
+            {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}, strict=False)
     kept = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     unexpected = [k for k in kept if not k.startswith(exclude)] + list(result.unexpected_keys)
     if unexpected:

@@ -49,6 +49,47 @@ class BadSampleConfig:
     first: int = 50
 
 
+# The five FineCap tasks a finecap record is cast into (data/conversation.py), with the kind of
+# region each needs: "caption" the global caption; the others one region of a kind.
+CONVERSATION_TASKS = ("caption", "box_to_text", "text_to_box", "box_to_ocr", "ocr_to_box")
+BOX_FORMATS = ("absolute", "norm1000")
+
+
+@dataclass
+class LLMDataConfig:
+    """Stage 2's sequences: images and conversations in the LLM's chat template, packed."""
+
+    # A Hugging Face tokenizer directory (AutoTokenizer): the LLM's own. Default: model.llm.init_from.
+    tokenizer: Optional[str] = None
+    # LLM tokens of one packed row (image tokens after the 2x2 merge + text); rows are padded to
+    # it so pipeline shapes are static. data.max_tokens still bounds the row's ViT patches.
+    max_tokens: int = 4096
+    # Relative weights of the five tasks (data/conversation.py). A task a record has no material
+    # for (no OCR line, say) is left out of that record's draw.
+    tasks: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in CONVERSATION_TASKS})
+    # Region turns per sample after the first (several regions of one image, the image encoded once).
+    max_turns: int = 6
+    # absolute: pixel coordinates on the resized image, Qwen2.5-VL's convention; norm1000: 0..1000
+    # of the image's width and height (Qwen2-VL's, Qwen3-VL's).
+    box_format: str = "absolute"
+    system_prompt: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_tokens < 1:
+            out.append(f"data.llm.max_tokens={self.max_tokens} must be a positive integer")
+        if self.max_turns < 0:
+            out.append(f"data.llm.max_turns={self.max_turns} must not be negative")
+        unknown = [t for t in self.tasks if t not in CONVERSATION_TASKS]
+        if unknown:
+            out.append(f"data.llm.tasks names {', '.join(unknown)}, not one of {', '.join(CONVERSATION_TASKS)}")
+        if any(not w >= 0 for w in self.tasks.values()) or not sum(self.tasks.values()) > 0:
+            out.append(f"data.llm.tasks={self.tasks} must be non-negative weights, not all zero")
+        if self.box_format not in BOX_FORMATS:
+            out.append(f"data.llm.box_format='{self.box_format}' is not one of {', '.join(BOX_FORMATS)}")
+        return out
+
+
 @dataclass
 class DataConfig:
     corpora: list[CorpusConfig] = field(default_factory=list)
@@ -72,6 +113,7 @@ class DataConfig:
     max_text_len: int = 256  # caption tokens kept per image (phases may use fewer)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)
+    llm: Optional[LLMDataConfig] = None  # stage 2's LLM sequences (unset in stage 1)
 
     def problems(self) -> list[str]:
         """One sentence per invalid data setting (called from config.validate)."""
@@ -103,4 +145,4 @@ class DataConfig:
             out.append(f"data.bad_samples.first={bad.first} must not be negative (0 turns the check off)")
         if not 0.0 <= self.augment.hflip_prob <= 1.0:
             out.append(f"data.augment.hflip_prob={self.augment.hflip_prob} must lie in [0, 1]")
-        return out
+        return out + (self.llm.problems() if self.llm is not None else [])

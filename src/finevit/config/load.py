@@ -179,6 +179,17 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str
         raise ConfigError(f"config: {_omegaconf_message(e)}") from None
 
 
+def section_from_dict(schema: type, value: dict):
+    """A typed section (e.g. the VisionConfig a checkpoint was trained with) from a plain mapping;
+    keys the schema no longer has are ignored, values are checked as a YAML file's are."""
+    fields = typing.get_type_hints(schema)
+    try:
+        checked = _check_section({k: v for k, v in value.items() if k in fields}, schema, "")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), checked))
+    except (_SchemaError, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     key = getattr(e, "full_key", None)

@@ -29,6 +29,14 @@ class VisionConfig:
     merger: bool = True  # 2x2 patch merger head (RMSNorm + 2-layer MLP), the LLM-facing output
     out_hidden_size: int = 1536  # merger output width (the LLM's hidden size in stage 2)
     init_std: float = 0.02
+    # Stage 2: where the encoder starts. A finevit stage-1 run, checkpoints or step directory (any
+    # TP / PP layout; its vision section must equal this one), or a Hugging Face Qwen2.5-VL
+    # `save_pretrained` directory (its vision_config must match). Unset: random initialisation.
+    init_from: Optional[str] = None
+    # Also take the merger (stage 2's projector) from init_from: a Qwen2.5-VL directory's merger
+    # maps to its own LLM's width; a stage-1 merger only fits when out_hidden_size is the LLM's
+    # hidden size. Default: a fresh projector, as LLaVA-style alignment starts.
+    init_projector: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -19,6 +19,9 @@ class ParallelConfig:
     recompute_num_layers: int = 1  # with recompute="full": layers per recomputed block
     # Backend for torch.distributed; "auto" is NCCL with CUDA, gloo without.
     backend: str = "auto"
+    # Stage 2 under pipeline parallelism: LLM layers on the first stage, which also holds the
+    # encoder and projector (default: an even split of the LLM's layers; fewer balances the encoder).
+    first_stage_layers: Optional[int] = None
     timeout_s: int = 600
 
     def model_parallel_size(self) -> int:

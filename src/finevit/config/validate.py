@@ -21,25 +21,25 @@ VISION_SIZES = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "pa
                 "temporal_patch_size", "in_channels", "spatial_merge_size", "out_hidden_size")
 
 
-def _one_of(key: str, value: str, allowed: tuple) -> list[str]:
+def one_of(key: str, value: str, allowed: tuple) -> list[str]:
     return [] if value in allowed else [f"{key}='{value}' is not one of {', '.join(allowed)}"]
 
 
-def _positive(section: str, obj, keys) -> list[str]:
+def positive(section: str, obj, keys) -> list[str]:
     return [f"{section}.{k}={getattr(obj, k)} must be a positive integer" for k in keys if getattr(obj, k) < 1]
 
 
-def _vision_ok(cfg: Config) -> bool:
-    return not _positive("model.vision", cfg.model.vision, VISION_SIZES)
+def vision_ok(cfg: Config) -> bool:
+    return not positive("model.vision", cfg.model.vision, VISION_SIZES)
 
 
-def _parallel_ok(cfg: Config) -> bool:
+def parallel_ok(cfg: Config) -> bool:
     return cfg.parallel.tensor >= 1 and cfg.parallel.pipeline >= 1
 
 
 def _vision(cfg: Config) -> list[str]:
     v = cfg.model.vision
-    out = _positive("model.vision", v, VISION_SIZES)
+    out = positive("model.vision", v, VISION_SIZES)
     for key in ("norm_eps", "rope_theta", "init_std"):
         if not getattr(v, key) > 0:
             out.append(f"model.vision.{key}={getattr(v, key)} must be positive")
@@ -58,40 +58,12 @@ def _vision(cfg: Config) -> list[str]:
     unit = v.patch_size * v.spatial_merge_size
     if v.window_layers and (v.window_size < 1 or v.window_size % unit):
         out.append(f"model.vision.window_size={v.window_size} must be a positive multiple of patch_size x spatial_merge_size = {unit}")
-    if _parallel_ok(cfg):
+    if parallel_ok(cfg):
         tp = cfg.parallel.tensor
         if v.num_heads % tp:
             out.append(f"model.vision.num_heads={v.num_heads} is not divisible by parallel.tensor={tp}")
         if v.ffn_hidden_size % tp:
             out.append(f"model.vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible by parallel.tensor={tp}")
-    return out
-
-
-TEXT_SIZES = ("vocab_size", "max_positions", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
-POOLINGS = ("last", "eos")
-LOSSES = ("sigmoid", "softmax")
-
-
-def _text(cfg: Config) -> list[str]:
-    t, c = cfg.model.text, cfg.model.contrastive
-    out = _positive("model.text", t, TEXT_SIZES) + _positive("model.contrastive", c, ("embed_dim", "pool_heads", "chunk_size"))
-    out += _one_of("model.text.pooling", t.pooling, POOLINGS) + _one_of("model.contrastive.loss", c.loss, LOSSES)
-    if out:
-        return out
-    if t.hidden_size % t.num_heads:
-        out.append(f"model.text.hidden_size={t.hidden_size} is not divisible by model.text.num_heads={t.num_heads}")
-    v = cfg.model.vision
-    if _vision_ok(cfg) and not v.hidden_size % v.num_heads and v.hidden_size % c.pool_heads:
-        out.append(f"model.vision.hidden_size={v.hidden_size} is not divisible by model.contrastive.pool_heads={c.pool_heads}")
-    if not 0 <= t.pad_id < t.vocab_size:
-        out.append(f"model.text.pad_id={t.pad_id} is outside the vocabulary [0, {t.vocab_size})")
-    if cfg.data.max_text_len > t.max_positions and cfg.data.tokenizer:
-        out.append(f"data.max_text_len={cfg.data.max_text_len} exceeds model.text.max_positions={t.max_positions}")
-    if _parallel_ok(cfg):
-        tp = cfg.parallel.tensor
-        for key in ("num_heads", "ffn_hidden_size"):
-            if getattr(t, key) % tp:
-                out.append(f"model.text.{key}={getattr(t, key)} is not divisible by parallel.tensor={tp}")
     return out
 
 
@@ -103,7 +75,7 @@ def _llm(cfg: Config) -> list[str]:
     m = cfg.model.llm
     if m is None:
         return []
-    out = _positive("model.llm", m, LLM_SIZES) + _one_of("model.llm.family", m.family, LLM_FAMILIES)
+    out = positive("model.llm", m, LLM_SIZES) + one_of("model.llm.family", m.family, LLM_FAMILIES)
     if out:
         return out
     if m.num_heads % m.num_kv_heads:
@@ -113,7 +85,7 @@ def _llm(cfg: Config) -> list[str]:
                    "set model.llm.head_dim")
     elif 2 * sum(m.mrope_section) != m.kv_channels:
         out.append(f"model.llm.mrope_section={m.mrope_section} must sum to head_dim / 2 = {m.kv_channels // 2}")
-    if _parallel_ok(cfg):
+    if parallel_ok(cfg):
         tp = cfg.parallel.tensor
         for key in ("num_kv_heads", "ffn_hidden_size", "vocab_size"):
             if getattr(m, key) % tp:
@@ -139,29 +111,27 @@ def _phases(cfg: Config) -> list[str]:
         text = p.max_text_len or text
         if not 0 < lo <= hi:
             out.append(f"schedule.phases[{i}] pixel budget [{lo}, {hi}] must satisfy 0 < min <= max")
-        elif _vision_ok(cfg) and cfg.data.max_tokens < hi // cfg.model.vision.patch_size**2:
+        elif vision_ok(cfg) and cfg.data.max_tokens < hi // cfg.model.vision.patch_size**2:
             out.append(f"schedule.phases[{i}].max_pixels={hi} gives images of {hi // cfg.model.vision.patch_size**2} "
                        f"patches, more than data.max_tokens={cfg.data.max_tokens}")
         if text > cfg.data.max_text_len:
             out.append(f"schedule.phases[{i}].max_text_len={text} exceeds data.max_text_len={cfg.data.max_text_len}, "
                        "the most tokens the loader keeps")
-        if text > cfg.model.text.max_positions:
-            out.append(f"schedule.phases[{i}].max_text_len={text} exceeds model.text.max_positions={cfg.model.text.max_positions}")
     return out
 
 
 def _parallel(cfg: Config, world_size: Optional[int]) -> list[str]:
-    p, layers = cfg.parallel, cfg.model.vision.num_layers
-    out = _positive("parallel", p, ("tensor", "pipeline", "timeout_s"))
+    p = cfg.parallel
+    out = positive("parallel", p, ("tensor", "pipeline", "timeout_s"))
     if p.recompute == "full" and p.recompute_num_layers < 1:
         out.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be a positive integer")
-    out += _one_of("parallel.recompute", p.recompute, RECOMPUTE)
-    out += _one_of("parallel.backend", p.backend, BACKENDS)
+    out += one_of("parallel.recompute", p.recompute, RECOMPUTE)
+    out += one_of("parallel.backend", p.backend, BACKENDS)
     if p.overlap_param_gather and not p.distributed_optimizer:
         out.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
     if world_size is not None and world_size < 1:
         out.append(f"world size {world_size} must be a positive integer")
-    if not _parallel_ok(cfg):
+    if not parallel_ok(cfg):
         return out
     vpp = p.virtual_pipeline
     if vpp is not None:
@@ -169,11 +139,6 @@ def _parallel(cfg: Config, world_size: Optional[int]) -> list[str]:
             out.append(f"parallel.virtual_pipeline={vpp} must be at least 2 (or null to disable it)")
         elif p.pipeline < 2:
             out.append(f"parallel.virtual_pipeline={vpp} needs parallel.pipeline >= 2, got {p.pipeline}")
-    chunks = p.pipeline * (vpp if vpp and vpp > 0 else 1)
-    if layers >= 1 and layers % chunks:
-        out.append(
-            f"model.vision.num_layers={layers} is not divisible by the {chunks} pipeline chunks "
-            f"(parallel.pipeline={p.pipeline} x parallel.virtual_pipeline={vpp or 1})")
     if p.sequence_parallel and p.tensor == 1:
         out.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
     elif p.sequence_parallel and cfg.data.max_tokens % p.tensor:
@@ -193,7 +158,7 @@ def _data(cfg: Config) -> list[str]:
         return out + [f"data.max_tokens={d.max_tokens} must be a positive integer"]
     if not 0 < d.min_pixels <= d.max_pixels:
         out.append(f"data.min_pixels={d.min_pixels} and data.max_pixels={d.max_pixels} must satisfy 0 < min <= max")
-    if not _vision_ok(cfg):
+    if not vision_ok(cfg):
         return out
     if d.max_tokens < v.merge_unit:
         side = v.patch_size * v.spatial_merge_size
@@ -209,7 +174,7 @@ def _data(cfg: Config) -> list[str]:
 
 def _optimizer(cfg: Config) -> list[str]:
     o = cfg.optimizer
-    out = _one_of("optimizer.name", o.name, OPTIMIZERS)
+    out = one_of("optimizer.name", o.name, OPTIMIZERS)
     if not o.lr > 0:
         out.append(f"optimizer.lr={o.lr} must be positive")
     elif not 0 <= o.min_lr <= o.lr:
@@ -226,24 +191,24 @@ def _optimizer(cfg: Config) -> list[str]:
 
 def _schedule(cfg: Config) -> list[str]:
     s = cfg.schedule
-    out = _positive("schedule", s, ("train_samples", "micro_batches_per_step", "max_bad_steps_in_a_row"))
+    out = positive("schedule", s, ("train_samples", "micro_batches_per_step", "max_bad_steps_in_a_row"))
     if s.stop_after_steps is not None and s.stop_after_steps < 1:
         out.append(f"schedule.stop_after_steps={s.stop_after_steps} must be a positive integer (or null)")
     if s.warmup_samples < 0:
         out.append(f"schedule.warmup_samples={s.warmup_samples} must not be negative")
     elif s.warmup_samples > s.train_samples:
         out.append(f"schedule.warmup_samples={s.warmup_samples} exceeds schedule.train_samples={s.train_samples}")
-    out += _one_of("schedule.decay_style", s.decay_style, DECAY_STYLES)
+    out += one_of("schedule.decay_style", s.decay_style, DECAY_STYLES)
     if s.decay_style == "wsd" and not 0 < s.wsd_decay_fraction <= 1:
         out.append(f"schedule.wsd_decay_fraction={s.wsd_decay_fraction} must lie in (0, 1]")
     return out
 
 
 def _runtime(cfg: Config) -> list[str]:
-    out = _one_of("precision.dtype", cfg.precision.dtype, DTYPES)
-    out += _positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
-    out += _one_of("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
-    out += _positive("logging", cfg.logging, ("log_interval",))
+    out = one_of("precision.dtype", cfg.precision.dtype, DTYPES)
+    out += positive("checkpoint", cfg.checkpoint, ("save_interval", "keep_last"))
+    out += one_of("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format, OPTIMIZER_FORMATS)
+    out += positive("logging", cfg.logging, ("log_interval",))
     if not cfg.checkpoint.owner_stale_s > 0:
         out.append(f"checkpoint.owner_stale_s={cfg.checkpoint.owner_stale_s} must be positive (seconds)")
     if cfg.checkpoint.load_weights_only and not cfg.checkpoint.load:
@@ -251,27 +216,13 @@ def _runtime(cfg: Config) -> list[str]:
                    "the weights from)")
     if not cfg.logging.run_dir:
         out.append("logging.run_dir is empty")
-    templates = cfg.eval.templates
-    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
-        out.append(f"eval.templates={templates!r} must be a non-empty list of prompts, each with one {{}} "
-                   f"for the class name")
-    return out
-
-
-def notes(cfg: Config) -> list[str]:
-    """Valid but consequential choices, logged once at the start of a run."""
-    out = []
-    m = cfg.schedule.micro_batches_per_step
-    if m > 1:
-        out.append(
-            f"schedule.micro_batches_per_step={m}: each step holds {m} separate contrastive groups "
-            "(one micro-batch across the data-parallel ranks each); the loss is the mean of their "
-            f"losses, not the loss of one {m}x larger batch, whose negatives span all of them")
     return out
 
 
 def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
-    return (_vision(cfg) + _text(cfg) + _llm(cfg) + _parallel(cfg, world_size) + _data(cfg) + _optimizer(cfg)
+    """Problems of the sections every task shares; a task checks its own (config/stage1.py, ...)
+    through train/task.py:task_problems."""
+    return (_vision(cfg) + _llm(cfg) + _parallel(cfg, world_size) + _data(cfg) + _optimizer(cfg)
             + _schedule(cfg) + _phases(cfg) + _runtime(cfg))
 
 

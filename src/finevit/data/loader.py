@@ -7,10 +7,12 @@ Per data-parallel rank:
     state.Phase         which positions this rank reads, in order (its k-th read)
     _Requests           those positions as requests, looked up a chunk at a time
     _Reader (workers)   request -> row (Corpus, i.e. a StreamingDataset's shard cache) -> checks ->
-                        decode, resize, normalise, patchify, tokenise -> packing.Sample
+                        decode, resize, normalise, patchify, tokenise -> packing.Sample; in
+                        stage 2 also the conversation (ids + labels, data/conversation.py)
     torch DataLoader    worker processes and prefetch; results arrive in request order, so the
                         stream does not depend on the number of workers
-    packing.Packer      (main process) lookahead buffer -> token-budget batch -> PackedBatch
+    packing.Packer      (main process) lookahead buffer -> token-budget batch (patches, and in
+                        stage 2 LLM tokens) -> PackedBatch
 
 `state_dict()` is a plain dict (phase, `read`, the buffered samples' k, counters); `load_state_dict`
 takes the states of all ranks of a checkpoint and resumes exactly (same DP size) or reshards (other
@@ -33,9 +35,11 @@ from collections import Counter, deque
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finevit.config.data import BadSampleConfig, DataConfig
+from finevit.data.conversation import ConversationEncoder
 from finevit.data.corpus import Corpus, open_corpus
 from finevit.data.node_lock import node_exclusive
 from finevit.data.packing import PackedBatch, Packer, Sample, collate
@@ -88,9 +92,11 @@ class _Reader(Dataset):
     """Request (key, k, corpus, index, pass) -> Sample. Runs inside DataLoader workers."""
 
     def __init__(self, corpora: Sequence[Corpus], preprocessor: Preprocessor, seed: int,
-                 tokenizer: Optional[CaptionTokenizer], max_text_len: int, limits: Limits):
+                 tokenizer: Optional[CaptionTokenizer], max_text_len: int, limits: Limits,
+                 encoder: Optional[ConversationEncoder] = None):
         self.corpora, self.preprocessor, self.seed = list(corpora), preprocessor, seed
         self.tokenizer, self.max_text_len, self.limits = tokenizer, max_text_len, limits
+        self.encoder = encoder
 
     def __getitem__(self, request: tuple) -> Sample:
         key, k, c, index, p = request
@@ -130,6 +136,10 @@ class _Reader(Dataset):
         out.region_kinds = [r["kind"] for r in regions]
         if self.tokenizer is not None and out.caption:
             out.text_ids = self.tokenizer.encode(out.caption, self.max_text_len)
+        if self.encoder is not None:
+            ids, labels, turns = self.encoder(out, rng)
+            out.llm_ids, out.llm_labels = torch.from_numpy(ids), torch.from_numpy(labels)
+            out.tasks = [t.task for t in turns]
         return out
 
 
@@ -170,7 +180,8 @@ class PackedLoader:
     def __init__(self, corpora: Sequence[Corpus], cfg: DataConfig, spec: PatchSpec = PatchSpec(),
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  weights: Optional[Sequence[float]] = None, epochs: Optional[int] = None,
-                 limits: Optional[Limits] = None, owns_corpora: bool = False):
+                 limits: Optional[Limits] = None, owns_corpora: bool = False,
+                 encoder: Optional[ConversationEncoder] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
         self.corpora, self.cfg, self.spec = list(corpora), cfg, spec
@@ -181,7 +192,9 @@ class PackedLoader:
         self.limit = epochs * self.plan.length if epochs else None
         self.tokenizer = CaptionTokenizer(cfg.tokenizer) if cfg.tokenizer else None
         pre = Preprocessor(spec, cfg.min_pixels, cfg.max_pixels, cfg.jpeg_draft, cfg.augment)
-        self.reader = _Reader(self.corpora, pre, seed, self.tokenizer, cfg.max_text_len, limits or Limits())
+        self.reader = _Reader(self.corpora, pre, seed, self.tokenizer, cfg.max_text_len, limits or Limits(), encoder)
+        self.max_llm_tokens = encoder.cfg.max_tokens if encoder is not None else None
+        self.llm_pad_id = encoder.tok.pad_id if encoder is not None else 0
         self.max_text_len = cfg.max_text_len
         self._restore(Phase(dp_size), read=0, carry=[], counters={})
 
@@ -190,7 +203,7 @@ class PackedLoader:
     def _restore(self, phase: Phase, read: int, carry: list, counters: dict) -> None:
         self.close_workers()
         self.phase, self.read = phase, read
-        self.packer = Packer(self.cfg.max_tokens, self.cfg.pack_lookahead, self.spec.merge_unit)
+        self.packer = Packer(self.cfg.max_tokens, self.cfg.pack_lookahead, self.spec.merge_unit, self.max_llm_tokens)
         self._carry = deque(carry)  # buffered k still to be re-read into the packer
         self.skipped = Counter(counters.get("skipped", {}))
         self.batches = int(counters.get("batches", 0))
@@ -249,7 +262,8 @@ class PackedLoader:
             raise StopIteration
         samples = self.packer.pop()
         batch = collate(samples, self.cfg.max_tokens, self.spec.patch_dim, self.max_text_len,
-                        self.tokenizer.pad_id if self.tokenizer else 0, self._new_skips)
+                        self.tokenizer.pad_id if self.tokenizer else 0, self._new_skips,
+                        self.max_llm_tokens, self.llm_pad_id)
         self._new_skips = []
         self.batches += 1
         self.images += batch.num_images
@@ -352,8 +366,10 @@ class PackedLoader:
 
 
 def build_loader(cfg: DataConfig, spec: PatchSpec = PatchSpec(), dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, epochs: Optional[int] = None) -> PackedLoader:
-    """Open cfg.corpora and build this rank's loader (which closes them on close())."""
+                 seed: int = 0, epochs: Optional[int] = None,
+                 encoder: Optional[ConversationEncoder] = None) -> PackedLoader:
+    """Open cfg.corpora and build this rank's loader (which closes them on close()); `encoder`
+    turns each sample into an LLM conversation (stage 2)."""
     if not cfg.corpora:
         raise ValueError("data.corpora is empty: name at least one corpus directory")
     weighted = [c.weight is not None for c in cfg.corpora]
@@ -369,4 +385,5 @@ def build_loader(cfg: DataConfig, spec: PatchSpec = PatchSpec(), dp_rank: int = 
             c.close()
         raise
     weights = [c.weight for c in cfg.corpora] if all(weighted) else None
-    return PackedLoader(corpora, cfg, spec, dp_rank, dp_size, seed, weights, epochs, owns_corpora=True)
+    return PackedLoader(corpora, cfg, spec, dp_rank, dp_size, seed, weights, epochs, owns_corpora=True,
+                        encoder=encoder)

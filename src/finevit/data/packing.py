@@ -1,6 +1,6 @@
 """Token-budget packing of native-resolution images into fixed-size micro-batches.
 
-Images arrive in stream order with h*w patch tokens each. The packer fills a lookahead buffer
+Images arrive in stream order with h*w patch tokens each (and in stage 2 an LLM sequence each). The packer fills a lookahead buffer
 until it holds at least `lookahead` samples and two budgets' worth of tokens (fewer leave nothing
 to choose from); a micro-batch always takes the oldest buffered sample (so a sample waits at most
 as many batches as there were samples ahead of it) and then the subset of the other buffered
@@ -8,7 +8,12 @@ samples that fills the remaining budget best (an exact subset sum in units of on
 preferring older samples). Its choices depend only on the buffer and the incoming stream, so replaying the same
 stream into the same buffer reproduces the same batches: the loader's resume relies on it.
 
-The packed batch is padded to exactly `max_tokens` rows so pipeline-parallel shapes are static.
+With a second budget (stage 2: LLM tokens per row) the exact subset sum runs on the LLM tokens,
+and when the chosen subset overflows the patch budget the batch is filled first-fit in stream
+order under both instead (still a pure function of the buffer).
+
+The packed batch is padded to exactly `max_tokens` rows (and `max_llm_tokens`) so pipeline-parallel
+shapes are static.
 """
 
 from dataclasses import dataclass, field
@@ -34,18 +39,25 @@ class Sample:
     region_texts: list = field(default_factory=list)
     region_kinds: list = field(default_factory=list)
     label: int = -1  # class index (classify corpora), -1 elsewhere
+    llm_ids: Optional[torch.Tensor] = None  # [s] int64, stage 2's conversation (data/conversation.py)
+    llm_labels: Optional[torch.Tensor] = None  # [s] int64, -100 off the answers
+    tasks: list = field(default_factory=list)  # the conversation's turns' task names
     error: Optional[str] = None  # "reason: detail" for a sample skipped at read time
 
     @property
     def num_tokens(self) -> int:
         return self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2]
 
+    @property
+    def num_llm_tokens(self) -> int:
+        return 0 if self.llm_ids is None else len(self.llm_ids)
+
     # Samples cross from DataLoader workers to the main process by pickle. Torch tensors would go
     # through shared memory with a file-descriptor handshake per tensor (~3 ms each, whatever the
     # size); numpy arrays travel as bytes in the pipe: about twice as fast for a small image, no
     # slower at 1K-4K patches (measured on 2 cores), and torch.from_numpy on arrival shares their
     # memory instead of copying.
-    _TENSORS = ("pixel_values", "text_ids", "boxes")
+    _TENSORS = ("pixel_values", "text_ids", "boxes", "llm_ids", "llm_labels")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -78,6 +90,10 @@ class PackedBatch:
       boxes         list of n float32 tensors [r_i, 4], region boxes (x0, y0, x1, y1) in the
                     resized image's pixels; region_texts / region_kinds the matching strings.
       labels        [n] int64 class index of each image (classify corpora), -1 elsewhere.
+      llm_ids       stage 2: [L] int64, the samples' conversations back to back, padded with
+                    llm_pad_id to L = max_llm_tokens; llm_labels [L] (-100 off the answers and on
+                    padding); llm_cu_seqlens [n + 1] int32 sample bounds over the real tokens;
+                    tasks[i] the task of each of sample i's turns. None in stage 1.
       skipped       (id, reason) of bad samples dropped since the previous batch of this rank.
     """
 
@@ -96,6 +112,10 @@ class PackedBatch:
     region_kinds: list = field(default_factory=list)
     labels: Optional[torch.Tensor] = None  # [n] int64 class indices, -1 for unlabelled images
     skipped: list = field(default_factory=list)
+    llm_ids: Optional[torch.Tensor] = None
+    llm_labels: Optional[torch.Tensor] = None
+    llm_cu_seqlens: Optional[torch.Tensor] = None
+    tasks: list = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -113,6 +133,14 @@ class PackedBatch:
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.num_tokens / self.max_tokens
+
+    @property
+    def num_llm_tokens(self) -> int:
+        return 0 if self.llm_cu_seqlens is None else int(self.llm_cu_seqlens[-1])
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return 0 if self.llm_labels is None else int((self.llm_labels != -100).sum())
 
     @property
     def max_seqlen(self) -> int:
@@ -142,43 +170,92 @@ def select_batch(sizes: list[int], budget: int, unit: int = 4) -> list[int]:
     return [0] + chosen[::-1]
 
 
+def select_two_budgets(sizes: list[int], llm_sizes: list[int], budget: int, llm_budget: int,
+                       unit: int = 4) -> list[int]:
+    """Indices (ascending) for one batch under a patch budget and an LLM-token budget: the exact
+    subset sum on LLM tokens when its choice fits the patches, else first-fit in stream order."""
+    if sizes[0] > budget or llm_sizes[0] > llm_budget:
+        raise ValueError(f"a sample of {sizes[0]} patches / {llm_sizes[0]} LLM tokens cannot fit budgets "
+                         f"of {budget} / {llm_budget}")
+    picked = select_batch(llm_sizes, llm_budget, unit=1)
+    if sum(sizes[i] for i in picked) <= budget:
+        return picked
+    picked, used, llm_used = [0], sizes[0], llm_sizes[0]
+    for i in range(1, len(sizes)):
+        if used + sizes[i] <= budget and llm_used + llm_sizes[i] <= llm_budget:
+            picked.append(i)
+            used, llm_used = used + sizes[i], llm_used + llm_sizes[i]
+    return picked
+
+
 class Packer:
     """The lookahead buffer and its batch selection (state: the buffered samples, in order)."""
 
-    def __init__(self, max_tokens: int, lookahead: int = 64, unit: int = 4):
+    def __init__(self, max_tokens: int, lookahead: int = 64, unit: int = 4, max_llm_tokens: Optional[int] = None):
         self.max_tokens, self.lookahead, self.unit = max_tokens, lookahead, unit
+        self.max_llm_tokens = max_llm_tokens
         self.buffer: list[Sample] = []
-        self.tokens = 0  # in the buffer
+        self.tokens = self.llm_tokens = 0  # in the buffer
 
     def __len__(self) -> int:
         return len(self.buffer)
 
     def full(self) -> bool:
-        return len(self.buffer) >= self.lookahead and self.tokens >= 2 * self.max_tokens
+        if len(self.buffer) < self.lookahead:
+            return False
+        if self.max_llm_tokens is not None and self.llm_tokens < 2 * self.max_llm_tokens:
+            return False
+        return self.tokens >= 2 * self.max_tokens or self.max_llm_tokens is not None
 
     def add(self, sample: Sample) -> None:
         if sample.num_tokens > self.max_tokens:
             raise ValueError(f"sample {sample.id} has {sample.num_tokens} tokens, more than max_tokens={self.max_tokens}")
+        if self.max_llm_tokens is not None and sample.num_llm_tokens > self.max_llm_tokens:
+            raise ValueError(f"sample {sample.id} has {sample.num_llm_tokens} LLM tokens, more than "
+                             f"max_llm_tokens={self.max_llm_tokens}")
         self.buffer.append(sample)
         self.tokens += sample.num_tokens
+        self.llm_tokens += sample.num_llm_tokens
 
     def pop(self) -> list[Sample]:
-        picked = select_batch([s.num_tokens for s in self.buffer], self.max_tokens, self.unit)
+        sizes = [s.num_tokens for s in self.buffer]
+        if self.max_llm_tokens is None:
+            picked = select_batch(sizes, self.max_tokens, self.unit)
+        else:
+            picked = select_two_budgets(sizes, [s.num_llm_tokens for s in self.buffer], self.max_tokens,
+                                        self.max_llm_tokens, self.unit)
         taken = set(picked)
         batch = [self.buffer[i] for i in picked]
         self.buffer = [s for i, s in enumerate(self.buffer) if i not in taken]
         self.tokens -= sum(s.num_tokens for s in batch)
+        self.llm_tokens -= sum(s.num_llm_tokens for s in batch)
         return batch
 
     def pop_all(self) -> list[Sample]:
         """Empty the buffer, oldest first (for re-reading under new preprocessing)."""
-        batch, self.buffer, self.tokens = self.buffer, [], 0
+        batch, self.buffer, self.tokens, self.llm_tokens = self.buffer, [], 0, 0
         return batch
 
 
+def _collate_llm(samples: list[Sample], max_llm_tokens: int, pad_id: int) -> dict:
+    """Stage 2's row: the conversations back to back, padded (labels -100 on padding)."""
+    lengths = [s.num_llm_tokens for s in samples]
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    ids = torch.full((max_llm_tokens,), pad_id, dtype=torch.int64)
+    labels = torch.full((max_llm_tokens,), -100, dtype=torch.int64)
+    real = int(cu[-1])
+    if samples:
+        torch.cat([s.llm_ids for s in samples], out=ids[:real])
+        torch.cat([s.llm_labels for s in samples], out=labels[:real])
+    return {"llm_ids": ids, "llm_labels": labels, "llm_cu_seqlens": cu, "tasks": [s.tasks for s in samples]}
+
+
 def collate(samples: list[Sample], max_tokens: int, patch_dim: int, max_text_len: Optional[int] = None,
-            text_pad_id: int = 0, skipped: Optional[list] = None) -> PackedBatch:
-    """Concatenate samples into one PackedBatch padded to max_tokens rows."""
+            text_pad_id: int = 0, skipped: Optional[list] = None, max_llm_tokens: Optional[int] = None,
+            llm_pad_id: int = 0) -> PackedBatch:
+    """Concatenate samples into one PackedBatch padded to max_tokens rows (and, with
+    max_llm_tokens, their conversations into one LLM row of that length)."""
     lengths = [s.num_tokens for s in samples]
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
@@ -209,6 +286,7 @@ def collate(samples: list[Sample], max_tokens: int, patch_dim: int, max_text_len
         region_kinds=[s.region_kinds for s in samples],
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
         skipped=list(skipped or []),
+        **(_collate_llm(samples, max_llm_tokens, llm_pad_id) if max_llm_tokens is not None else {}),
     )
 
 

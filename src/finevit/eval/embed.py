@@ -14,6 +14,7 @@ import torch
 
 from finevit.config.data import BadSampleConfig
 from finevit.data import PatchSpec, build_loader
+from finevit.eval.passes import eval_pass
 from finevit.parallel.schedule import forward_backward
 
 
@@ -42,13 +43,11 @@ def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Opt
     if phase is not None:
         loader.set_pixel_budget(phase.min_pixels, phase.max_pixels)
         loader.set_max_text_len(phase.max_text_len)
-    for chunk in chunks:
-        chunk.eval()
     pairs, labels = [], []
     # eval.max_samples exactly: packed batches overshoot, so each rank cuts its rows to its share.
     limit = cfg.eval.max_samples
     quota = None if limit is None else limit // dp_size + int(pg.dp.rank() < limit % dp_size)
-    try:
+    with eval_pass(chunks, loader):
         for batch in loader:
             if quota is not None and sum(len(x) for x in labels) >= quota:
                 break
@@ -56,10 +55,6 @@ def embed_corpora(cfg, task, chunks: list, pg, corpora: list, phase=None) -> Opt
             forward_backward(chunks, [task.inputs(batch, captions=batch.text_ids is not None)],
                              partial(task.forward, collect=pairs), pg,
                              seq_length=cfg.data.max_tokens, forward_only=True)
-    finally:
-        loader.close()
-        for chunk in chunks:
-            chunk.train()
     if pg.pp.rank() != pg.pp.size() - 1:
         return None
     local = (_cat([p[0] for p in pairs]), _cat([p[1] for p in pairs if p[1] is not None]), _cat(labels))

@@ -45,11 +45,14 @@ def full_from_shards(shards: list[torch.Tensor], param: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def load_full_state(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor],
-                    tp_rank: int, tp_size: int) -> None:
-    """Copy a canonical (TP=1) state into this rank's chunks; every local parameter must be named."""
+                    tp_rank: int, tp_size: int, skip: tuple = ()) -> None:
+    """Copy a canonical (TP=1) state into this rank's chunks; every local parameter must be named
+    (but those under a `skip` prefix, which keep their values)."""
     missing = []
     for chunk in chunks:
         for name, param in canonical_parameters(chunk):
+            if skip and name.startswith(skip):
+                continue
             if name not in full:
                 missing.append(name)
                 continue

@@ -9,8 +9,7 @@ import sys
 from typing import Optional
 
 from finevit.config import Config, ConfigError, load_config
-from finevit.config.validate import problems
-from finevit.train.task import task_class, task_problems
+from finevit.train.task import check_config, task_class
 
 log = logging.getLogger("finevit.train")
 
@@ -29,10 +28,7 @@ def load(config: str, overrides: list[str], task: Optional[str] = None) -> Optio
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
         cfg = load_config(config, overrides + ([f"task={task}"] if task else []))
-        found = problems(cfg, world)
-        found += task_problems(cfg) if not found else []
-        if found:
-            raise ConfigError(found)
+        check_config(cfg, world)
         return cfg
     except ConfigError as e:
         for problem in e.problems:

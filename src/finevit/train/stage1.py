@@ -15,6 +15,7 @@ from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
 from finevit.convert.siglip_text import ConversionError, check_hf_text_dir, load_hf_text, read_hf_text_dir
+from finevit.data import PatchSpec, build_loader
 from finevit.data.packing import PackedBatch
 from finevit.data.tokenizer import check_tokenizer
 from finevit.eval import corpus_schemas, evaluate
@@ -98,7 +99,19 @@ class Stage1Task:
                 f"data-parallel ranks, every image scored against the captions of all {dp_size}; "
                 f"{groups} (logged as contrastive_batch pairs and contrastive_groups)")
 
+    def build_loader(self, dp_rank: int, dp_size: int):
+        return build_loader(self.cfg.data, PatchSpec.from_vision(self.cfg.model.vision), dp_rank, dp_size,
+                            seed=self.cfg.precision.seed)
+
+    @property
+    def seq_length(self) -> int:
+        return self.cfg.data.max_tokens  # packed patches
+
     # ------------------------------------------------------------------ a step
+
+    def start_step(self, batches: list) -> None:
+        pass  # the contrastive loss is complete within each micro-batch group
+
 
     def inputs(self, batch: PackedBatch, captions: bool = True) -> dict:
         """A micro-batch for forward(); captions=False (evaluating labelled images) embeds the

@@ -1,11 +1,11 @@
 """The contract between the one training loop and a stage: what a task supplies, and nothing else.
 
-The loop (train/trainer.py) owns process groups, the optimizer and LR schedule, data loading and
-the phase schedule's data settings (pixel budget, text length), per-tower LR multipliers and
+The loop (train/trainer.py) owns process groups, the optimizer and LR schedule, reading batches
+from the task's loader and the phase schedule's data settings (pixel budget, text length), per-tower LR multipliers and
 freezing (`optimizer.lr_mult`, `schedule.phases[].freeze`, keyed by the task's tower names),
 checkpoints and resume, the loss guard, logging. A task supplies the model, how a micro-batch
 feeds it and what the loss is, the FLOPs and counts of a batch, what a phase changes in the model,
-its evaluation and its own checkpointed state. Adding a stage is a new class registered in TASKS.
+its loader, its evaluation and its own checkpointed state. Adding a stage is a new class registered in TASKS.
 """
 
 import importlib
@@ -16,15 +16,18 @@ from typing import Any, Optional, Protocol
 @dataclass(frozen=True)
 class Registered:
     """A task as the registry knows it without importing it (checking a config must not pay for
-    megatron): where its class is, its towers, and optionally a light function
-    `problems(cfg) -> list[str]` for its own config sections."""
+    megatron): where its class is, its towers, and the light module that checks its own config
+    sections (`problems(cfg) -> list[str]`, `notes(cfg) -> list[str]`)."""
 
     cls: str  # "module:Class"
     towers: tuple[str, ...]
-    problems: Optional[str] = None  # "module:function"
+    config: Optional[str] = None  # "package.module"
 
 
-TASKS = {"stage1": Registered("finevit.train.stage1:Stage1Task", ("vision", "text", "loss"))}
+TASKS = {
+    "stage1": Registered("finevit.train.stage1:Stage1Task", ("vision", "text", "loss"), "finevit.config.stage1"),
+    "stage2": Registered("finevit.train.stage2:Stage2Task", ("vision", "projector", "llm"), "finevit.config.stage2"),
+}
 
 
 class Task(Protocol):
@@ -44,6 +47,17 @@ class Task(Protocol):
 
     def batch_note(self, dp_size: int) -> str:
         """One line at the start of a run: what a step's batch is."""
+
+    def build_loader(self, dp_rank: int, dp_size: int):
+        """This data-parallel rank's resumable loader of packed micro-batches (data/loader.py)."""
+
+    @property
+    def seq_length(self) -> int:
+        """Rows of the tensors sent between pipeline stages (a micro-batch's padded length)."""
+
+    def start_step(self, batches: list) -> None:
+        """The step's micro-batches, before any forward (e.g. a per-token loss counts its tokens
+        over the data-parallel step here). Collective: every rank calls it."""
 
     def inputs(self, batch) -> dict:
         """A micro-batch from the loader -> what `forward` takes."""
@@ -92,4 +106,22 @@ def task_problems(cfg) -> list[str]:
         resolve_phases(cfg.schedule, cfg.data, entry.towers)
     except ConfigError as e:
         out += e.problems
-    return out + (_resolve(entry.problems)(cfg) if entry.problems else [])
+    return out + (importlib.import_module(entry.config).problems(cfg) if entry.config else [])
+
+
+def task_notes(cfg) -> list[str]:
+    """Valid but consequential choices of the task's config, logged once at the start of a run."""
+    entry = TASKS.get(cfg.task)
+    return importlib.import_module(entry.config).notes(cfg) if entry and entry.config else []
+
+
+def check_config(cfg, world_size=None) -> None:
+    """ConfigError with every problem: the shared sections first, then (when those are sound) the
+    task's. What `finevit config show`, `train` and `eval` run."""
+    from finevit.config import ConfigError
+    from finevit.config.validate import problems
+
+    found = problems(cfg, world_size)
+    found += task_problems(cfg) if not found else []
+    if found:
+        raise ConfigError(found)

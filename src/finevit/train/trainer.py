@@ -23,8 +23,6 @@ import yaml
 from finevit.checkpointing import dist as ckpt
 from finevit.checkpointing.files import resolve as resolve_checkpoint
 from finevit.config import Config, to_yaml
-from finevit.config.validate import notes
-from finevit.data import PatchSpec, build_loader
 from finevit.data.loader import BadSampleBudget
 from finevit.parallel.dist import init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
@@ -37,6 +35,7 @@ from finevit.train.run_lock import RunLock, RunLockError
 from finevit.train.schedules import LRScheduler, phase_at, phase_summary, resolve_phases
 from finevit.train.state import TrainState, collect_common, gather_objects, next_batches, restore_common
 from finevit.train.step import group_settings, optimizer_step, saved_group_settings, set_frozen, set_group_settings
+from finevit.train.task import task_notes
 
 log = logging.getLogger("finevit.train")
 REQUEUE_FILE = "REQUEUE"  # launch/*.slurm creates it on the pre-timeout signal
@@ -101,8 +100,7 @@ class Trainer:
         self.scheduler = LRScheduler(self.optimizer, cfg.optimizer, cfg.schedule)
         self.phases = resolve_phases(cfg.schedule, cfg.data, self.task.towers)
         self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.pg)
-        self.loader = build_loader(cfg.data, PatchSpec.from_vision(cfg.model.vision), self.dp_rank,
-                                   self.dp_size, seed=cfg.precision.seed)
+        self.loader = self.task.build_loader(self.dp_rank, self.dp_size)
         last_stage = self.pg.pp.rank() == self.pg.pp.size() - 1
         self.reporting = last_stage and self.pg.tp.rank() == 0 and self.dp_rank == 0
         self.metrics = MetricsLogger(self.run_dir, self.reporting, cfg.logging.tensorboard)
@@ -111,7 +109,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             log.info(self.task.batch_note(self.dp_size))
-            for note in notes(cfg):
+            for note in task_notes(cfg):
                 log.warning(note)
         self._resume(evaluating)
         self._saved_step = self.state.step  # nothing of this launch to save yet
@@ -232,6 +230,7 @@ class Trainer:
                               dtype=torch.float64, device=self._device)
         torch.distributed.all_reduce(counts, group=self.pg.dp)
         images = int(counts[0])
+        self.task.start_step(batches)
         lr = self.scheduler.apply(state.consumed_samples, images)
         set_frozen(self.optimizer, set(self.phases[state.phase].freeze))
         for chunk in self.ddp:
@@ -240,7 +239,7 @@ class Trainer:
 
         timers.start("forward_backward")
         logs = forward_backward(self.ddp, [self.task.inputs(b) for b in batches], self.task.forward,
-                                self.pg, seq_length=cfg.data.max_tokens)
+                                self.pg, seq_length=self.task.seq_length)
         timers.stop("forward_backward")
         means = self._pipeline_means(logs, ("loss", *self.task.step_metrics))
         loss = means.pop("loss")

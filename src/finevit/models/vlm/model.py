@@ -42,13 +42,14 @@ class FineViTVLM(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, input_ids: torch.Tensor,
                 image_mask: torch.Tensor, position_ids: torch.Tensor, packed_seq_params: LLMPackedSeqParams,
-                vit_tokens: int = None) -> torch.Tensor:
+                vit_tokens: int = None, labels: torch.Tensor = None) -> torch.Tensor:
         """image_mask [s] bool; vit_tokens: the encoder's padded patch count (default: all of
-        pixel_values). Returns logits [1, s, V / tp] on the last pipeline stage, the hidden states
-        [s, 1, h] for the next stage elsewhere (every stage needs the positions: M-RoPE's table
-        is computed per stage)."""
+        pixel_values). Returns logits [1, s, V / tp] on the last pipeline stage, or with `labels`
+        [1, s] (valid token ids) the per-token cross-entropy [1, s] (vocabulary-parallel, never
+        gathering the logits); the hidden states [s, 1, h] for the next stage elsewhere (every
+        stage needs the positions: M-RoPE's table is computed per stage)."""
         if not self.pre_process:  # the previous stage's hidden states arrive by set_input_tensor
-            return self.llm(input_ids, position_ids, None, packed_seq_params=packed_seq_params)
+            return self.llm(input_ids, position_ids, None, labels=labels, packed_seq_params=packed_seq_params)
         images = self.vision(pixel_values, grid_thw, vit_tokens)  # [S/4, h]: real rows first
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=None)  # [s, 1, h], not scattered
         mask = image_mask.to(embeds.device).view(-1, 1, 1).expand_as(embeds)
@@ -56,4 +57,5 @@ class FineViTVLM(MegatronModule):
         embeds = embeds.masked_scatter(mask, images[:n].to(embeds.dtype))
         if self.sequence_parallel:  # the spliced sequence is cut only now
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds, group=self.tp_group)
-        return self.llm(input_ids, position_ids, None, decoder_input=embeds, packed_seq_params=packed_seq_params)
+        return self.llm(input_ids, position_ids, None, decoder_input=embeds, labels=labels,
+                        packed_seq_params=packed_seq_params)
