@@ -109,3 +109,121 @@ def test_a_source_that_does_not_fit_is_one_sentence_before_anything_starts(dist,
         assert main.train(DEMO_CONFIG, args + [override, "model.vision.num_layers=3"]) == 2
         assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [expected]
     assert not (tmp_path / "s2").exists()
+
+
+def test_the_loss_is_the_mean_over_every_answer_token_of_the_step(make):
+    """Two rows with different answer counts in one step: the loss and every gradient are those of
+    (all answer tokens' losses summed) / (their number), not the mean of the two rows' means."""
+    from finevit.parallel.schedule import forward_backward
+
+    cfg = make("per_token", **{"schedule.micro_batches_per_step": 2})
+    task = Stage2Task(cfg)
+    trainer = Trainer(cfg, task).setup()
+    try:
+        batches = [next(trainer.loader) for _ in range(2)]
+        counts = [b.num_answer_tokens for b in batches]
+        assert counts[0] != counts[1]
+        params = [p for c in trainer.ddp for p in c.parameters()]
+
+        def grads(fn):
+            for c in trainer.ddp:
+                c.zero_grad_buffer()
+            value = fn()
+            return value, [p.main_grad.clone() for p in params]
+
+        def step():
+            task.start_step(batches)
+            logs = forward_backward(trainer.ddp, [task.inputs(b) for b in batches], task.forward, trainer.pg,
+                                    seq_length=task.seq_length)
+            return sum(float(d["loss"]) for d in logs) / len(logs)
+
+        def dense(per_row_mean: bool):
+            sums = []
+            for b in batches:
+                mb = task.inputs(b)
+                losses = trainer.ddp[0](mb["pixel_values"], mb["grid_thw"], mb["input_ids"], mb["image_mask"],
+                                        mb["position_ids"], mb["params"], mb["vit_tokens"],
+                                        labels=mb["labels"].clamp(min=0))
+                sums.append((losses * (mb["labels"] != -100)).sum())
+            loss = (sums[0] / counts[0] + sums[1] / counts[1]) / 2 if per_row_mean else sum(sums) / sum(counts)
+            loss.backward()
+            return float(loss)
+
+        logged, ours = grads(step)
+        expected, reference = grads(lambda: dense(False))
+        _, biased = grads(lambda: dense(True))
+        assert logged == pytest.approx(expected, rel=1e-5)
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert max(float((a - b).abs().max()) for a, b in zip(reference, biased)) > 1e-4  # the test can fail
+    finally:
+        trainer.close()
+
+
+def hugging_face_pair(cfg, tok, out):
+    """A random Qwen2.5-VL of the config's shape saved to out/vlm, and its language model saved as
+    a Qwen2ForCausalLM to out/llm; returns the VLM."""
+    import dataclasses
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+    from finevit.convert import qwen2 as conv
+    from finevit.convert.qwen2_5_vl import hf_config_from_vision
+    from unit_scale import randomize_
+
+    text = conv.hf_config_from_llm(cfg.model.llm)
+    causal = dict(text)
+    text.pop("architectures"), text.pop("model_type")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": list(cfg.model.llm.mrope_section)}
+    vision = dataclasses.replace(cfg.model.vision, out_hidden_size=cfg.model.llm.hidden_size)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=hf_config_from_vision(vision).to_dict(),
+                              image_token_id=tok.image_id, vision_start_token_id=tok.ids["vision_start"],
+                              vision_end_token_id=tok.ids["vision_end"], video_token_id=tok.ids["pad"],
+                              tie_word_embeddings=cfg.model.llm.tie_embeddings)
+    vlm = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    randomize_(vlm, seed=3)
+    vlm.save_pretrained(out / "vlm")
+    import transformers
+
+    llm_config = transformers.AutoConfig.for_model(causal.pop("model_type"), **{k: v for k, v in causal.items()
+                                                                                if k != "architectures"})
+    llm = Qwen2ForCausalLM(llm_config)
+    llm.model.load_state_dict(vlm.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    llm.config.architectures = ["Qwen2ForCausalLM"]
+    llm.save_pretrained(out / "llm")
+    return vlm
+
+
+def test_a_vlm_started_from_hugging_face_scores_answers_as_hugging_face_does(make, tmp_path):
+    """Encoder + projector from a Qwen2.5-VL directory, LLM from a Qwen2 directory: on a packed
+    row from the loader, each sample's answer-token loss equals HF's `labels=` loss (which shifts
+    the labels itself) on that sample alone, within 1e-5."""
+    from finevit.data.llm_tokenizer import LLMTokenizer
+
+    probe = make("probe")
+    tok = LLMTokenizer(probe.data.llm.tokenizer)
+    hf = hugging_face_pair(probe, tok, tmp_path)
+    cfg = make("from_hf", **{"model.vision.init_from": str(tmp_path / "vlm"), "model.vision.init_projector": True,
+                             "model.llm.init_from": str(tmp_path / "llm"), "data.llm.max_tokens": 384})
+    task = Stage2Task(cfg)
+    trainer = Trainer(cfg, task).setup()
+    try:
+        batch = next(b for b in trainer.loader if b.num_images > 1)
+        mb = task.inputs(batch)
+        with torch.no_grad():
+            ours = trainer.chunks[0](mb["pixel_values"], mb["grid_thw"], mb["input_ids"], mb["image_mask"],
+                                     mb["position_ids"], mb["params"], mb["vit_tokens"],
+                                     labels=mb["labels"].clamp(min=0))[0]
+        targets = mb["labels"][0]
+        bounds, patches = batch.llm_cu_seqlens.tolist(), batch.cu_seqlens.tolist()
+        for i in range(batch.num_images):
+            a, b = bounds[i], bounds[i + 1]
+            mine = float(ours[a:b][targets[a:b] != -100].mean())
+            with torch.no_grad():
+                theirs = hf(input_ids=batch.llm_ids[None, a:b], labels=batch.llm_labels[None, a:b],
+                            pixel_values=batch.pixel_values[patches[i]:patches[i + 1]],
+                            image_grid_thw=batch.grid_thw[i:i + 1]).loss
+            assert mine == pytest.approx(float(theirs), abs=1e-5), f"sample {i}"
+    finally:
+        trainer.close()

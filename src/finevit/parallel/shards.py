@@ -22,6 +22,10 @@ def canonical_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn
         if m:
             layer = chunk.get_submodule(m.group(1).rstrip(".") + "." + m.group(2))
             name = f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
+        elif name.endswith("output_layer.weight") and getattr(param, "shared_embedding", False):
+            # A tied output layer on a later pipeline stage: megatron's copy of the input
+            # embedding (kept equal by the embedding group), which a TP=1, PP=1 model does not have.
+            name = name[: -len("output_layer.weight")] + "embedding.word_embeddings.weight"
         yield name, param
 
 

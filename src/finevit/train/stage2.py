@@ -33,6 +33,16 @@ log = logging.getLogger("finevit.train")
 IGNORE = -100
 
 
+def next_token_targets(batch: PackedBatch) -> torch.Tensor:
+    """[L] the token each position predicts, IGNORE off the answers. The loader labels each answer
+    token itself (Hugging Face's convention); megatron's loss wants position i to carry token
+    i + 1. No target crosses a sample's end."""
+    targets = torch.full_like(batch.llm_labels, IGNORE)
+    targets[:-1] = batch.llm_labels[1:]
+    targets[batch.llm_cu_seqlens[1:].long() - 1] = IGNORE
+    return targets
+
+
 class Stage2Task:
     name = "stage2"
     towers = TASKS["stage2"].towers
@@ -105,7 +115,8 @@ class Stage2Task:
 
     def start_step(self, batches: list) -> None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        n = torch.tensor([float(sum(b.num_answer_tokens for b in batches))], dtype=torch.float64, device=device)
+        n = sum(int((next_token_targets(b) != IGNORE).sum()) for b in batches)
+        n = torch.tensor([float(n)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(n, group=self.pg.dp)
         self._step_answer_tokens = float(n.item())
 
@@ -118,8 +129,9 @@ class Stage2Task:
         params = segments(lengths, len(ids))
         image_mask = ids == self.tokenizer.image_id
         merged = batch.grid_thw // torch.tensor([1, m, m])  # [n, 3] patches -> merged tokens
+        targets = next_token_targets(batch)
         return {"pixel_values": batch.pixel_values, "grid_thw": batch.grid_thw, "vit_tokens": batch.max_tokens,
-                "input_ids": ids.view(1, -1), "labels": batch.llm_labels.view(1, -1), "image_mask": image_mask,
+                "input_ids": ids.view(1, -1), "labels": targets.view(1, -1), "image_mask": image_mask,
                 "position_ids": mrope_positions(image_mask, params.cu_seqlens, merged), "params": params}
 
     def forward(self, chunk, mb: dict, collect: Optional[list] = None):

@@ -1,0 +1,53 @@
+"""Stage 2 under TP=2 (with sequence parallelism), PP=2 (the encoder, projector and first LLM
+layer on the first stage) and TP=2 x PP=2, as real processes on gloo, follows the single-process
+loss and gradient-norm curve, through a projector-only phase and the unfreezing after it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_stage2 import DEMO_CONFIG, ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+# 2 rows per step (pipeline micro-batches), 8 steps, the towers unfrozen after step 4.
+COMMON = {"schedule.micro_batches_per_step": 2, "schedule.train_samples": 16, "eval.corpora": "[]",
+          "schedule.phases": "[{start_samples: 0, max_pixels: 6272, freeze: [vision, llm]},"
+                             " {start_samples: 8, max_pixels: 12544, freeze: []}]"}
+
+
+def train(corpus, tokenizer, run_dir, nproc: int, *layout: str) -> dict:
+    args = tiny_overrides(corpus, tokenizer, run_dir, **COMMON) + list(layout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "finevit.cli", "train", DEMO_CONFIG, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(stage2_corpus, tmp_path_factory) -> dict:
+    return train(*map(str, stage2_corpus), tmp_path_factory.mktemp("single"), 1)
+
+
+@pytest.mark.parametrize("layout,nproc", [
+    ("parallel.tensor=2 parallel.sequence_parallel=true", 2),
+    ("parallel.pipeline=2", 2),
+    ("parallel.tensor=2 parallel.pipeline=2 parallel.sequence_parallel=true", 4)], ids=["tp2_sp", "pp2", "tp2_pp2"])
+def test_parallel_loss_curve_equals_single_process(stage2_corpus, tmp_path, reference, layout, nproc):
+    got = train(*map(str, stage2_corpus), tmp_path, nproc, *layout.split())
+    assert got.keys() == reference.keys() and len(reference) == 8
+    assert {r["phase"] for r in reference.values()} == {0, 1}
+    for step, ref in reference.items():
+        assert got[step]["samples"] == ref["samples"]
+        assert got[step]["answer_tokens"] == ref["answer_tokens"]
+        assert got[step]["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5), f"step {step}"
+        assert got[step]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3, abs=1e-5), f"step {step}"
+        for tower in ("vision", "projector", "llm"):
+            assert got[step][f"grad_norm_{tower}"] == pytest.approx(ref[f"grad_norm_{tower}"], rel=1e-3, abs=1e-6)
