@@ -1,6 +1,7 @@
 """Stage 2 under TP=2 (with sequence parallelism), PP=2 (the encoder, projector and first LLM
-layer on the first stage) and TP=2 x PP=2, as real processes on gloo, follows the single-process
-loss and gradient-norm curve, through a projector-only phase and the unfreezing after it."""
+layer on the first stage) and TP=2 x PP=2, as real processes on gloo, starts its encoder from the
+same single-process stage-1 run and follows the single-process loss and gradient-norm curve,
+through a projector-only phase and the unfreezing after it."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+import tiny_stage1
 from tiny_stage2 import DEMO_CONFIG, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -19,20 +21,27 @@ COMMON = {"schedule.micro_batches_per_step": 2, "schedule.train_samples": 16, "e
                              " {start_samples: 8, max_pixels: 12544, freeze: []}]"}
 
 
-def train(corpus, tokenizer, run_dir, nproc: int, *layout: str) -> dict:
-    args = tiny_overrides(corpus, tokenizer, run_dir, **COMMON) + list(layout)
+def launch(config: str, args: list[str], nproc: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "finevit.cli", "train", DEMO_CONFIG, *args]
+           "-m", "finevit.cli", "train", config, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def train(corpus, tokenizer, run_dir, nproc: int, *layout: str) -> dict:
+    launch(DEMO_CONFIG, tiny_overrides(corpus, tokenizer, run_dir, **COMMON) + list(layout), nproc)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     return {r["step"]: r for r in rows if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")
-def reference(stage2_corpus, tmp_path_factory) -> dict:
+def reference(stage1_corpus, stage2_corpus, tmp_path_factory) -> dict:
+    stage1 = tmp_path_factory.mktemp("stage1")
+    launch(tiny_stage1.DEMO_CONFIG, tiny_stage1.tiny_overrides(*map(str, stage1_corpus), stage1,
+                                                              **{"schedule.stop_after_steps": 2}), 1)
+    COMMON["model.vision.init_from"] = str(stage1)  # every layout loads it (PP: stage 0 only)
     return train(*map(str, stage2_corpus), tmp_path_factory.mktemp("single"), 1)
 
 
