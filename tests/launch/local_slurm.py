@@ -9,13 +9,16 @@ machines have, and what mosaicml-streaming's shared memory and lock files need t
 Jobs should set TMPDIR=node_tmp.
 """
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "unshare")
 
@@ -107,3 +110,50 @@ class LocalSlurm:
                 except (ValueError, ProcessLookupError):
                     pass
         time.sleep(1)
+
+
+def submit(slurm: LocalSlurm, script: str, config: str, overrides: list[str], run_dir: Path, nodes: int,
+           ranks: int = 2, env: Optional[dict] = None) -> subprocess.Popen:
+    """`sbatch --wait SCRIPT` of a CPU job with `ranks` ranks over `nodes` nodes, running in the
+    background; the job's output goes to <run_dir>.out."""
+    from tiny_stage1 import ROOT
+
+    env = {**os.environ, **slurm.env, "CONFIG": config, "GPUS_PER_NODE": str(ranks // nodes),
+           "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           # node names (n1, n2) are not host names here; every node is this machine
+           "MASTER_ADDR": "127.0.0.1", "LOCAL_ADDR": "127.0.0.1", "TMPDIR": str(slurm.node_tmp), **(env or {})}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", f"--nodes={nodes}",
+           f"--cpus-per-task={max(1, slurm.cpus // nodes)}", f"--job-name={run_dir.name}", f"--output={run_dir}.out",
+           script, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def finish(proc: subprocess.Popen, run_dir: Path) -> str:
+    """Wait for the job; its output."""
+    out, err = proc.communicate(timeout=600)
+    log = Path(f"{run_dir}.out")
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"sbatch exited {proc.returncode}: {err}\n{text[-4000:]}"
+    return text
+
+
+def signal_after(slurm: LocalSlurm, proc: subprocess.Popen, run_dir: Path, steps: int = 3) -> None:
+    """Once the job has logged `steps` steps, send what --signal=B:USR1@<s> sends shortly before
+    the time limit."""
+    deadline = time.time() + 300
+    while time.time() < deadline and len(train_rows(run_dir)) < steps:
+        assert proc.poll() is None, "the job ended before it could be signalled"
+        time.sleep(0.5)
+    # sbatch --wait prints the id only when it exits (stdout is a pipe): find the job by name.
+    (line,) = [j for j in slurm.scontrol("show", "job", "-o").splitlines() if f" JobName={run_dir.name} " in j]
+    job_id = line.split("JobId=")[1].split()[0]
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, check=True)
