@@ -19,7 +19,8 @@ def tiny_overrides(corpus_dir, tokenizer, run_dir, **extra) -> list[str]:
         "model.llm.mrope_section": "[2, 3, 3]", "model.llm.init_from": "null", "parallel.tensor": 1,
         "data.corpora": f"[{{path: {corpus_dir}/finecap/train}}]", "data.llm.tokenizer": tokenizer,
         "data.llm.max_tokens": 192, "data.llm.max_turns": 3,
-        "eval.corpora": f"[{{path: {corpus_dir}/finecap/heldout}}]", "schedule.train_samples": 48,
+        "eval.corpora": f"[{{path: {corpus_dir}/finecap/heldout}}]", "eval.max_samples": 8,
+        "eval.max_new_tokens": 12, "schedule.train_samples": 48,
         "schedule.phases": "[{start_samples: 0, max_pixels: 6272, freeze: [vision, llm]},"
                            " {start_samples: 24, max_pixels: 12544, freeze: []}]",
         **run_settings(run_dir),

@@ -53,7 +53,11 @@ def test_frozen_towers_wait_for_their_phase_and_a_resume_across_it_is_exact(make
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert {"loss", "grad_norm_vision", "grad_norm_projector", "grad_norm_llm", "answer_tokens", "tokens_per_s",
             "padding", "tflops_per_gpu", "images_per_s"} <= rows[0].keys()
-    assert any(r["kind"] == "eval" and r["answer_loss"] > 0 for r in rows)
+    (evaluation,) = [r for r in rows if r["kind"] == "eval"]
+    assert evaluation["answer_loss"] > 0 and evaluation["samples"] >= 8
+    from finevit.eval.vlm import METRICS
+
+    assert any(m in evaluation for m in METRICS)  # generated answers were scored
 
     switch = min(step for step, (_, phase, _) in reference.items() if phase == 1)
     run(make("split", **{"schedule.stop_after_steps": switch - 1}))
@@ -225,5 +229,29 @@ def test_a_vlm_started_from_hugging_face_scores_answers_as_hugging_face_does(mak
                             pixel_values=batch.pixel_values[patches[i]:patches[i + 1]],
                             image_grid_thw=batch.grid_thw[i:i + 1]).loss
             assert mine == pytest.approx(float(theirs), abs=1e-5), f"sample {i}"
+    finally:
+        trainer.close()
+
+
+def test_generated_answers_do_not_depend_on_what_else_shares_the_row(make):
+    """Greedy answers of questions packed into one row equal each question's answer asked alone
+    (sample bounds and M-RoPE positions keep them apart while they grow)."""
+    import copy
+
+    from finevit.eval.generate import generate_row, questions_of, rows_of
+
+    cfg = make("generate", **{"data.llm.max_tokens": 384})
+    task = Stage2Task(cfg)
+    trainer = Trainer(cfg, task).setup()
+    try:
+        questions = [q for b in [next(trainer.loader) for _ in range(3)] for q in questions_of(b, task.tokenizer)]
+        row = rows_of(questions, task.seq_length, cfg.data.max_tokens, max_new=5)[0]
+        assert len(row) >= 2
+        alone = [copy.deepcopy(q) for q in row]
+        generate_row(task, trainer.ddp, trainer.pg, row, 5, cfg.data.max_tokens)
+        for q in alone:
+            generate_row(task, trainer.ddp, trainer.pg, [q], 5, cfg.data.max_tokens)
+        assert [q.answer for q in row] == [q.answer for q in alone]
+        assert all(0 < len(q.answer) <= 5 for q in row)
     finally:
         trainer.close()

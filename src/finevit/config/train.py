@@ -92,8 +92,10 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot evaluation on held-out corpora: image<->text recall@1/5 on captioned ones (long
-    captions), top-1/5 classification accuracy on labelled ones (schema classify)."""
+    """Held-out evaluation. Stage 1: zero-shot image<->text recall@1/5 on captioned corpora (long
+    captions), top-1/5 classification accuracy on labelled ones (schema classify). Stage 2:
+    answer-token loss and greedy generated answers on finecap corpora (grounding IoU, exact match
+    and token F1)."""
 
     corpora: list[CorpusConfig] = field(default_factory=list)  # read once per evaluation
     # Prompts for a classify corpus whose manifest brings none; "{}" is the class name.
@@ -101,6 +103,8 @@ class EvalConfig:
     interval: int = 0  # steps between evaluations during training (0: only at the end)
     at_start: bool = False  # also evaluate the untrained (or just resumed) model first
     max_samples: Optional[int] = None  # cap per evaluation (default: the whole held-out split)
+    # Stage 2: tokens a generated answer may take (greedy; 0: teacher-forced answer loss only).
+    max_new_tokens: int = 48
 
 
 @dataclass

@@ -10,9 +10,11 @@ micro-batch happened to be (a mean of per-micro-batch means would be biased unde
 """
 
 import logging
+from functools import partial
 from typing import Optional
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
@@ -21,7 +23,7 @@ from finevit.data.conversation import ConversationEncoder
 from finevit.data.llm_tokenizer import LLMTokenizer, check_llm_tokenizer, default_tokenizer
 from finevit.data.packing import PackedBatch
 from finevit.eval import corpus_schemas
-from finevit.eval.answer_loss import answer_loss
+from finevit.eval.vlm import evaluate_vlm
 from finevit.models.llm.packing import segments
 from finevit.models.vlm import build_vlm, mrope_positions
 from finevit.models.vlm.flops import vlm_train_flops
@@ -140,9 +142,12 @@ class Stage2Task:
         model = unwrap_model(chunk)
         device = next(model.parameters()).device
         pixels = mb["pixel_values"].to(device, non_blocking=True) if model.pre_process else None
-        labels = mb["labels"].to(device)
+        labels, predict_at = mb["labels"].to(device), mb.get("predict_at")
         out = chunk(pixels, mb["grid_thw"], mb["input_ids"].to(device), mb["image_mask"],
-                    mb["position_ids"].to(device), mb["params"], mb["vit_tokens"], labels=labels.clamp(min=0))
+                    mb["position_ids"].to(device), mb["params"], mb["vit_tokens"],
+                    labels=None if predict_at is not None else labels.clamp(min=0))
+        if predict_at is not None:
+            return out, partial(self._greedy, predict_at=predict_at, collect=collect)
 
         def loss_func(token_losses):  # [1, s] per-token cross-entropy
             mask = labels != IGNORE
@@ -162,6 +167,14 @@ class Stage2Task:
 
         return out, loss_func
 
+    def _greedy(self, logits, predict_at, collect: list):
+        """Generation (eval/generate.py): the most likely next token after each position of
+        `predict_at`, from the vocabulary-parallel logits [1, s, V / tp]."""
+        rows = logits[0, predict_at.to(logits.device)]  # [n, V / tp]
+        full = gather_from_tensor_model_parallel_region(rows.contiguous(), group=self.pg.tp)  # [n, V]
+        collect.append(full.argmax(-1).cpu())
+        return logits.sum() * 0, {}
+
     def counts(self, batch: PackedBatch) -> tuple[int, int, int, float]:
         """(images, LLM tokens, LLM token slots, model FLOPs of encoder + LLM)."""
         lengths = (batch.llm_cu_seqlens[1:] - batch.llm_cu_seqlens[:-1]).tolist()
@@ -172,8 +185,8 @@ class Stage2Task:
         pass  # the loop applies a phase's pixel budget and frozen towers; nothing else changes
 
     def evaluate(self, chunks: list, pg, phase: ResolvedPhase) -> Optional[dict]:
-        """Teacher-forced answer-token loss on eval.corpora."""
-        return answer_loss(self.cfg, self, chunks, pg, phase)
+        """Answer-token loss and generated answers (IoU, exact match, token F1) on eval.corpora."""
+        return evaluate_vlm(self.cfg, self, chunks, pg, phase)
 
     def extra_metrics(self, chunks: list) -> dict:
         return {}
