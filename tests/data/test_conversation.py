@@ -136,3 +136,45 @@ def test_two_budgets_fill_llm_tokens_exactly_unless_the_patches_overflow():
     assert select_two_budgets([8, 12, 16, 4], [10, 20, 10, 5], 16, 30) == [0, 3]
     with pytest.raises(ValueError):
         select_two_budgets([4], [40], 16, 30)
+
+
+def test_the_stage2_loader_mixes_recaption_corpora_in_and_skips_what_cannot_be_asked(
+        tok, demo_dir, finecap, recap, small_config, tmp_path):
+    """Finecap and recaption corpora in one stream: recaption samples are caption turns; every row
+    holds whole samples, each image block exactly its merged tokens; a record without its caption
+    and a sample whose image and first turn overflow the row are skipped with their reasons."""
+    from finevit.data.corpus import CorpusWriter, open_corpus
+    from finevit.data.demo import demo_record
+    from finevit.data.loader import PackedLoader
+    from finevit.data.schema import validate_record
+
+    path = str(tmp_path / "odd")
+    with CorpusWriter(path, "finecap") as w:
+        for i in range(6):
+            rec = validate_record("finecap", demo_record(3, "finecap", "train", i)[0])
+            if i == 1:
+                rec["global_caption"], rec["regions"] = " ", []
+            if i == 2:  # its only question's answer cannot fit a row
+                rec["global_caption"], rec["regions"] = rec["global_caption"] * 8, []
+            w.write(rec)
+    cfg = LLMDataConfig(max_tokens=160, max_turns=2)
+    enc = ConversationEncoder(tok, cfg, 14, 4)
+    with open_corpus(path) as odd:
+        data = small_config(max_pixels=28 * 28 * 64, max_tokens=512)
+        loader = PackedLoader([odd, finecap, recap], data, seed=0, epochs=1, encoder=enc,
+                              weights=[1.0, 1.0, 1.0])
+        kinds, skipped = {0: [], 1: [], 2: []}, []
+        for _, batch in zip(range(12), loader):
+            skipped += batch.skipped
+            bounds = batch.llm_cu_seqlens.tolist()
+            assert batch.llm_ids.shape == (160,) and bounds[-1] <= 160
+            for i in range(batch.num_images):
+                ids = batch.llm_ids[bounds[i]:bounds[i + 1]]
+                t, h, w = batch.grid_thw[i].tolist()
+                assert int((ids == tok.image_id).sum()) == t * h * w // 4
+                assert ids[0] == tok.ids["im_start"] and batch.tasks[i]
+                kinds[int(batch.corpus[i])].append(batch.tasks[i])
+            assert (batch.llm_labels[bounds[-1]:] == IGNORE).all()
+    assert kinds[2] and all(tasks == ["caption"] for tasks in kinds[2])  # recaption: one caption turn
+    assert any(len(tasks) > 1 for tasks in kinds[1])
+    assert {("fi-train-0000001", "missing_caption"), ("fi-train-0000002", "too_many_llm_tokens")} <= set(skipped)

@@ -30,7 +30,7 @@ def make(dist, stage2_corpus, tmp_path):
     return lambda name, **extra: tiny_config(corpus, tokenizer, tmp_path / name, **extra)
 
 
-def test_frozen_towers_wait_for_their_phase_and_a_resume_across_it_is_exact(make, tmp_path):
+def test_frozen_towers_wait_for_their_phase_and_a_resume_across_it_is_exact(make, stage2_corpus, tmp_path, capsys):
     cfg = make("full", **{"schedule.stop_after_steps": 4})
     trainer = Trainer(cfg, Stage2Task(cfg)).setup()
     try:
@@ -51,13 +51,20 @@ def test_frozen_towers_wait_for_their_phase_and_a_resume_across_it_is_exact(make
         trainer.close()
     reference = losses(tmp_path / "full")
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
-    assert {"loss", "grad_norm_vision", "grad_norm_projector", "grad_norm_llm", "answer_tokens", "tokens_per_s",
+    assert {"loss", "grad_norm_vision", "grad_norm_projector", "grad_norm_llm", "answer_tokens",
+            "answer_tokens_per_s", "tokens_per_s",
             "padding", "tflops_per_gpu", "images_per_s"} <= rows[0].keys()
     (evaluation,) = [r for r in rows if r["kind"] == "eval"]
     assert evaluation["answer_loss"] > 0 and evaluation["samples"] >= 8
     from finevit.eval.vlm import METRICS
 
     assert any(m in evaluation for m in METRICS)  # generated answers were scored
+
+    from finevit.train import main  # `finevit eval` of the finished run: the same held-out metrics
+
+    assert main.evaluate(DEMO_CONFIG, tiny_overrides(*map(str, stage2_corpus), tmp_path / "full")) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("answer_loss=") and f"answer_loss={evaluation['answer_loss']:.4f}" in printed
 
     switch = min(step for step, (_, phase, _) in reference.items() if phase == 1)
     run(make("split", **{"schedule.stop_after_steps": switch - 1}))

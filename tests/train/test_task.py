@@ -35,7 +35,7 @@ class PixelMeanTask:
     """A second stage written against the contract alone: the encoder regresses each merged
     token's mean pixel value. Nothing of the loop was edited to run it."""
 
-    name, towers, step_metrics = "pixel_mean", ("vision",), {}
+    name, towers, step_metrics, step_rates = "pixel_mean", ("vision",), {}, ()
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -40,6 +40,7 @@ class Stage1Task:
     # Values the loss function logs per micro-batch -> step metric (mean over a step's groups):
     # the contrastive batch, i.e. the pairs of one micro-batch across all data-parallel ranks.
     step_metrics = {"pairs": "contrastive_batch"}
+    step_rates = ()
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

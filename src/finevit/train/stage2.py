@@ -50,6 +50,7 @@ class Stage2Task:
     towers = TASKS["stage2"].towers
     # logged per micro-batch -> step metric: the answer tokens the step's loss is averaged over
     step_metrics = {"answer_tokens": "answer_tokens"}
+    step_rates = ("answer_tokens",)  # answer tokens trained on per second
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

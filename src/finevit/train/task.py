@@ -34,6 +34,7 @@ class Task(Protocol):
     name: str
     towers: tuple[str, ...]  # parameter groups by tower (parameters carry `finevit_tower`)
     step_metrics: dict[str, str]  # value the loss function logs per micro-batch -> step metric
+    step_rates: tuple[str, ...]  # step metrics that are counts: also logged per second (<name>_per_s)
 
     def preflight(self) -> list[str]:
         """Problems of the task's inputs (init_from directories, its data), before anything starts."""

@@ -317,6 +317,7 @@ class Trainer:
                    **{f"grad_norm_{t}": n for t, n in steps[-1]["tower_norms"].items()},
                    **throughput(steps, sum(times.values()), gpus, peak_tflops()),
                    **{name: sum(s[name] for s in steps) / len(steps) for name in self.task.step_metrics.values()},
+                   **{f"{name}_per_s": sum(s[name] for s in steps) / sum(times.values()) for name in self.task.step_rates},
                    "samples": self.state.consumed_samples, "phase": self.state.phase,
                    "skipped_steps": self.state.skipped_steps,
                    **{f"time_{k}_s": v / len(steps) for k, v in times.items()}}
