@@ -30,3 +30,18 @@ def tiny_overrides(corpus_dir, tokenizer, run_dir, **extra) -> list[str]:
 
 def tiny_config(corpus_dir, tokenizer, run_dir, **extra):
     return load_config(DEMO_CONFIG, tiny_overrides(corpus_dir, tokenizer, run_dir, **extra))
+
+
+def stage1_run(corpus_dir, tokenizer, run_dir, steps: int = 2) -> dict:
+    """A short stage-1 run in this process (the `dist` fixture's world), e.g. for stage 2 to start
+    from; returns its encoder's weights."""
+    from finevit.train.stage1 import Stage1Task
+    from finevit.train.trainer import Trainer
+
+    cfg = tiny_config(corpus_dir, tokenizer, run_dir, **{"schedule.stop_after_steps": steps})
+    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
+    try:
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.chunks[0].vision.named_parameters()}
+    finally:
+        trainer.close()

@@ -1,11 +1,10 @@
 """`sbatch launch/stage2.slurm` on the local 2-node SLURM cluster: the encoder starts from the
-stage-1 run named by STAGE1_RUN; a two-node job sent the pre-timeout signal checkpoints, requeues,
-resumes from its own run directory (not from the stage-1 run again) and ends on the uninterrupted
-one-node job's losses, bit for bit."""
+stage-1 run named by STAGE1_RUN; the two-node job, sent the pre-timeout signal, checkpoints,
+requeues, resumes from its own run directory (not from the stage-1 run again) and trains to the
+end, every step once. (That a resumed run is bit-exact is tests/train/test_stage2.py's, in one
+process; the requeue machinery is stage 1's, whose SLURM test also compares losses.)"""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,12 +17,9 @@ SCRIPT = os.path.join(ROOT, "launch", "stage2.slurm")
 
 
 @pytest.fixture(scope="module")
-def stage1_run(stage1_corpus, tmp_path_factory):
+def stage1_run(dist, stage1_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage1")
-    overrides = tiny_stage1.tiny_overrides(*map(str, stage1_corpus), run_dir, **{"schedule.stop_after_steps": 2})
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    subprocess.run([sys.executable, "-m", "finevit.cli", "train", tiny_stage1.DEMO_CONFIG, *overrides],
-                   cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    tiny_stage1.stage1_run(*map(str, stage1_corpus), run_dir)
     return run_dir
 
 
@@ -36,22 +32,15 @@ def job(slurm, stage2_corpus, stage1_run, run_dir, nodes: int):
                   env={"STAGE1_RUN": str(stage1_run)})
 
 
-def test_requeued_stage2_job_resumes_and_matches_the_uninterrupted_job(slurm, stage2_corpus, stage1_run, tmp_path):
-    plain = tmp_path / "plain"
-    out = finish(job(slurm, stage2_corpus, stage1_run, plain, nodes=1), plain)
-    assert f"loaded vision from {stage1_run}" in out, out[-3000:]
-    reference = train_rows(plain)
-    assert reference and reference[-1]["samples"] >= 24
-
-    requeued = tmp_path / "requeued"
-    proc = job(slurm, stage2_corpus, stage1_run, requeued, nodes=2)
-    signal_after(slurm, proc, requeued)
-    out = finish(proc, requeued)
+def test_requeued_stage2_job_resumes_its_own_checkpoint_and_finishes(slurm, stage2_corpus, stage1_run, tmp_path):
+    run_dir = tmp_path / "requeued"
+    proc = job(slurm, stage2_corpus, stage1_run, run_dir, nodes=2)
+    signal_after(slurm, proc, run_dir)
+    out = finish(proc, run_dir)
     assert "requeueing job" in out and "restart 1" in out and "resumed from" in out, out[-3000:]
     first, restart = out.split("restart 1")
-    assert "loaded vision from" in first and "loaded vision from" not in restart  # resumed its own
-    rows = train_rows(requeued)
-    final = {r["step"]: r for r in rows}
-    assert rows[-1]["step"] == reference[-1]["step"]
-    for r in reference:
-        assert final[r["step"]]["loss"] == r["loss"], f"step {r['step']}"
+    assert f"loaded vision from {stage1_run}" in first and "loaded vision from" not in restart
+    assert "2 node(s) x 1" in out and "on each of 2 data-parallel ranks" in out
+    rows = train_rows(run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, 13)) and rows[-1]["samples"] == 24  # checkpointed where it stopped

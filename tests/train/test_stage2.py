@@ -74,17 +74,7 @@ def test_frozen_towers_wait_for_their_phase_and_a_resume_across_it_is_exact(make
 
 
 def stage1_run(stage1_corpus, run_dir) -> dict:
-    """A 2-step stage-1 run whose encoder has the tiny stage-2 encoder's shape; its encoder weights."""
-    from finevit.train.stage1 import Stage1Task
-
-    corpus, tokenizer = stage1_corpus
-    cfg = tiny_stage1.tiny_config(corpus, tokenizer, run_dir, **{"schedule.stop_after_steps": 2})
-    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
-    try:
-        trainer.train()
-        return {n: p.detach().clone() for n, p in trainer.chunks[0].vision.named_parameters()}
-    finally:
-        trainer.close()
+    return tiny_stage1.stage1_run(*map(str, stage1_corpus), run_dir)
 
 
 def test_the_encoder_starts_from_a_stage1_run(make, stage1_corpus, tmp_path):

@@ -15,10 +15,10 @@ from tiny_stage2 import DEMO_CONFIG, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-# 2 rows per step (pipeline micro-batches), 8 steps, the towers unfrozen after step 4.
-COMMON = {"schedule.micro_batches_per_step": 2, "schedule.train_samples": 16, "eval.corpora": "[]",
+# 2 rows per step (pipeline micro-batches), 6 steps, the towers unfrozen after step 3.
+COMMON = {"schedule.micro_batches_per_step": 2, "schedule.train_samples": 12, "eval.corpora": "[]",
           "schedule.phases": "[{start_samples: 0, max_pixels: 6272, freeze: [vision, llm]},"
-                             " {start_samples: 8, max_pixels: 12544, freeze: []}]"}
+                             " {start_samples: 6, max_pixels: 12544, freeze: []}]"}
 
 
 def launch(config: str, args: list[str], nproc: int) -> None:
@@ -37,10 +37,9 @@ def train(corpus, tokenizer, run_dir, nproc: int, *layout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(stage1_corpus, stage2_corpus, tmp_path_factory) -> dict:
+def reference(dist, stage1_corpus, stage2_corpus, tmp_path_factory) -> dict:
     stage1 = tmp_path_factory.mktemp("stage1")
-    launch(tiny_stage1.DEMO_CONFIG, tiny_stage1.tiny_overrides(*map(str, stage1_corpus), stage1,
-                                                              **{"schedule.stop_after_steps": 2}), 1)
+    tiny_stage1.stage1_run(*map(str, stage1_corpus), stage1)
     COMMON["model.vision.init_from"] = str(stage1)  # every layout loads it (PP: stage 0 only)
     return train(*map(str, stage2_corpus), tmp_path_factory.mktemp("single"), 1)
 
@@ -51,7 +50,7 @@ def reference(stage1_corpus, stage2_corpus, tmp_path_factory) -> dict:
     ("parallel.tensor=2 parallel.pipeline=2 parallel.sequence_parallel=true", 4)], ids=["tp2_sp", "pp2", "tp2_pp2"])
 def test_parallel_loss_curve_equals_single_process(stage2_corpus, tmp_path, reference, layout, nproc):
     got = train(*map(str, stage2_corpus), tmp_path, nproc, *layout.split())
-    assert got.keys() == reference.keys() and len(reference) == 8
+    assert got.keys() == reference.keys() and len(reference) == 6
     assert {r["phase"] for r in reference.values()} == {0, 1}
     for step, ref in reference.items():
         assert got[step]["samples"] == ref["samples"]
