@@ -82,6 +82,20 @@ def test_train_tokenizer(demo, tmp_path, capsys):
     assert tool("train_tokenizer")([str(tmp_path), "--out", str(model), "--quiet"]) == 1
 
 
+def test_train_llm_tokenizer(demo, tmp_path, capsys):
+    """--kind llm: a Hugging Face tokenizer directory with the chat and image tokens, which
+    encodes a box answer compactly (the coordinates were in its training texts)."""
+    out = tmp_path / "llm"
+    args = [str(demo / "finecap/train"), "--kind", "llm", "--out", str(out), "--vocab-size", "700", "--quiet"]
+    assert tool("train_tokenizer")(args) == 0
+    assert "vocab       700" in capsys.readouterr().out
+    from finevit.data.llm_tokenizer import LLMTokenizer
+
+    tok = LLMTokenizer(str(out))
+    assert tok.decode(tok.encode("a small red circle")) == "a small red circle"
+    assert len(tok.encode("[12, 340, 56, 999]")) <= 12
+
+
 def test_stats_table_and_png(demo, tmp_path, capsys):
     png = tmp_path / "stats.png"
     assert tool("stats")([str(demo / "recaption/train"), str(demo / "finecap/train"), "--png", str(png), "--quiet"]) == 0
