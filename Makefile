@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench doctor demo clean
+.PHONY: install test test-fast bench doctor demo convert-checkpoint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ demo: install
 		data.corpora='[{path: $(DEMO_DIR)/recaption/train}]' data.tokenizer=$(DEMO_DIR)/caption.model \
 		eval.corpora='[{path: $(DEMO_DIR)/recaption/heldout}, {path: $(DEMO_DIR)/classify/heldout, name: shapes}]'
 	$(VENV)/bin/finevit report $(DEMO_RUN)
+
+# A trained run as Hugging Face directories: make convert-checkpoint RUN=runs/x [STEP=1000] OUT=dir
+convert-checkpoint: install
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make convert-checkpoint RUN=<run dir> OUT=<dir> [STEP=<step>] [OVERWRITE=1]"; exit 2; }
+	$(VENV)/bin/finevit convert $(RUN) --out $(OUT) $(if $(STEP),--step $(STEP)) $(if $(OVERWRITE),--overwrite)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -82,6 +82,34 @@ def add_train_and_eval(sub) -> None:
         p.set_defaults(run=run)
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    import logging
+
+    from finevit.convert.export import ExportError, export_run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_run(args.source, args.out, args.step, args.overwrite, args.max_shard_size)
+    except ExportError as e:
+        print(f"finevit convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="export a run's checkpoint as Hugging Face directories",
+                       description="Export a trained run (its latest checkpoint, or --step) as Hugging Face "
+                                   "directories that load in transformers with no custom code; see "
+                                   "docs/convert.md.")
+    p.add_argument("source", metavar="RUN", help="run directory (or its checkpoints, or one step directory)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or new)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (an index above it)")
+    p.set_defaults(run=_run_convert)
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from finevit.train.metrics import report
 
@@ -96,7 +124,7 @@ def add_report(sub) -> None:
     p.set_defaults(run=_run_report)
 
 
-COMMANDS = (add_doctor, add_config, add_train_and_eval, add_report)
+COMMANDS = (add_doctor, add_config, add_train_and_eval, add_convert, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

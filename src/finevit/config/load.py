@@ -179,6 +179,18 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str
         raise ConfigError(f"config: {_omegaconf_message(e)}") from None
 
 
+def config_from_yaml(text: str, source: str = "saved config") -> Config:
+    """The Config a run saved (its config.yaml, or a checkpoint's copy), checked like a file."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping at top level, not {_show(data)}")
+    try:
+        checked = _check_section(data, Config, "")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), checked))
+    except (_SchemaError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def section_from_dict(schema: type, value: dict):
     """A typed section (e.g. the VisionConfig a checkpoint was trained with) from a plain mapping;
     keys the schema no longer has are ignored, values are checked as a YAML file's are."""

@@ -297,14 +297,18 @@ def hf_to_canonical(hf_state: Mapping[str, torch.Tensor], vision: VisionConfig,
 
 
 def canonical_to_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig,
-                    hf_temporal_patch_size: int = 2) -> dict[str, torch.Tensor]:
+                    hf_temporal_patch_size: int = 2, merger: bool = True) -> dict[str, torch.Tensor]:
     """Our canonical state dict (`_extra_state` entries allowed) -> HF vision tower state dict.
+    merger=False: an encoder without its merger (stage 1's), whose HF state lacks merger.*.
 
     Tensors keep their dtype; renamed ones may share storage with `state`.
     """
     _require_hf_compatible(vision)
     state = strip_extra_state(state)
-    check_state_dict(state, canonical_shapes(vision), "finevit canonical")
+    expected = canonical_shapes(vision)
+    if not merger:
+        expected = {k: s for k, s in expected.items() if not k.startswith("merger.")}
+    check_state_dict(state, expected, "finevit canonical")
     v = vision
     kernel = state["patch_embed.weight"].reshape(  # [h, C*T*P*P] -> [h, C, T, P, P]
         v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -319,8 +323,9 @@ def canonical_to_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig,
             gate, up = state[src + f"mlp.linear_fc1.{p}"].chunk(2)
             out[dst + f"mlp.gate_proj.{p}"] = gate.clone()
             out[dst + f"mlp.up_proj.{p}"] = up.clone()
-    out.update({theirs: state[ours] for ours, theirs in _MERGER_RENAMES.items()})
-    return {k: out[k] for k in hf_shapes(v, hf_temporal_patch_size)}  # in the order HF saves
+    if merger:
+        out.update({theirs: state[ours] for ours, theirs in _MERGER_RENAMES.items()})
+    return {k: out[k] for k in hf_shapes(v, hf_temporal_patch_size) if k in out}  # in the order HF saves
 
 
 def _rename_suffixes(state: Mapping[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:

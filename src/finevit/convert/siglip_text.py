@@ -100,12 +100,13 @@ def text_config_from_hf(hf_config: Any, max_positions: Optional[int] = None) -> 
 
 
 def hf_config_from_text(text: TextConfig, embed_dim: int, siglip2: bool = False,
-                        hf_positions: Optional[int] = None):
+                        hf_positions: Optional[int] = None, eos_as_last: bool = False):
     """Siglip(2)TextConfig for our config, with hf_positions (default max_positions) positions.
-    Only "last" pooling exists in HF's model."""
+    Only "last" pooling exists in HF's model; `eos_as_last` accepts "eos" pooling, which HF's
+    model reproduces on captions that end at their end-of-text token (not padded)."""
     from transformers import Siglip2TextConfig, SiglipTextConfig
 
-    if text.pooling != "last":
+    if text.pooling != "last" and not (eos_as_last and text.pooling == "eos"):
         raise ConversionError(f"pooling={text.pooling!r} has no SigLIP equivalent (SigLIP: 'last').")
     return (Siglip2TextConfig if siglip2 else SiglipTextConfig)(
         vocab_size=text.vocab_size, hidden_size=text.hidden_size,

@@ -1,0 +1,174 @@
+"""A trained run -> Hugging Face directories that load with no custom code (`finevit convert`,
+`make convert-checkpoint`).
+
+Stage 1 writes, under OUT:
+    vision/      the encoder as a Qwen2.5-VL vision tower (`Qwen2_5_VisionTransformerPretrainedModel`,
+                 what a Qwen2.5-VL-style VLM loads as its `visual`); stage 1 trains no merger, so
+                 the directory holds none and `from_pretrained` initialises it (and says so)
+    text/        the text tower as a `SiglipTextModel` (its pooler output is the text embedding),
+                 with the captions' sentencepiece model as tokenizer.model
+    head.safetensors  what turns the encoder's patch states into the image embedding and scores
+                 pairs: norm.{weight,bias} (LayerNorm), pool.* (a `SiglipMultiheadAttentionPoolingHead`),
+                 proj.{weight,bias} (Linear to the shared embedding), logit_scale, logit_bias
+    README.md    the model card: stage, step, samples seen, the recipe, how to compute embeddings
+Written into a fresh directory (`--overwrite` to replace one), moved into place when complete.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from finevit.checkpointing import files
+from finevit.config import Config, ParallelConfig
+from finevit.config.load import config_from_yaml
+
+log = logging.getLogger("finevit.convert")
+
+
+class ExportError(ValueError):
+    """A run or checkpoint that cannot be exported as asked; one sentence."""
+
+
+def source_checkpoint(path: str, step: Optional[int] = None) -> Path:
+    """The step directory to export: `path` is a run, checkpoints or step directory."""
+    try:
+        if step is None:
+            return files.resolve(path, "RUN")
+        root = Path(path)
+        ckpts = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+        return files.check_complete(ckpts / files.step_dir_name(step), f"step {step} of {path}")
+    except files.CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
+def _single_process_groups():
+    """A world of one (gloo) for megatron's modules and the checkpoint reader."""
+    from finevit.parallel.dist import init_distributed
+    from finevit.parallel.groups import init_model_parallel
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        init_distributed("gloo", 600)
+    return init_model_parallel(ParallelConfig(backend="gloo"), seed=0)
+
+
+def load_stage1(cfg: Config, step_dir: Path):
+    """The stage-1 model of `cfg` at TP=1, PP=1 in fp32 with the checkpoint's weights (any layout)."""
+    from finevit.checkpointing.dist import load_checkpoint
+    from finevit.models.siglip import build_siglip
+
+    pg = _single_process_groups()
+    (model,) = build_siglip(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False)
+    try:
+        common = load_checkpoint(step_dir, [model], None, pg, load_optimizer=False)
+    except Exception as e:  # a checkpoint whose shapes differ from its config
+        raise ExportError(f"{step_dir} does not load into the model its config describes "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    return model.eval(), common
+
+
+def _state(module) -> dict:
+    return {k: v.detach().float().contiguous() for k, v in module.state_dict().items()
+            if not k.endswith("_extra_state")}
+
+
+def write_stage1(model, cfg: Config, out: Path, max_shard_size: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import SiglipTextModel
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from finevit.convert import qwen2_5_vl, siglip_text
+
+    vision_cfg = cfg.model.vision
+    tower = qwen2_5_vl.canonical_to_hf(_state(model.vision), vision_cfg, merger=False)
+    hf_vision = Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision_cfg))
+    missing, unexpected = hf_vision.load_state_dict(tower, strict=False)
+    assert not unexpected and all(k.startswith("merger.") for k in missing), (missing, unexpected)
+    hf_vision.save_pretrained(out / "vision", max_shard_size=max_shard_size,
+                              state_dict=tower)  # the trained weights only: no merger
+    text_cfg, embed = cfg.model.text, cfg.model.contrastive.embed_dim
+    hf_text = SiglipTextModel(siglip_text.hf_config_from_text(text_cfg, embed, eos_as_last=True))
+    hf_text.load_state_dict(siglip_text.text_tower_state(
+        siglip_text.canonical_to_hf(_state(model.text), text_cfg, embed)), strict=True)
+    hf_text.save_pretrained(out / "text", max_shard_size=max_shard_size)
+    if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+        shutil.copyfile(cfg.data.tokenizer, out / "text" / "tokenizer.model")
+    head = {f"norm.{k}": v for k, v in _state(model.head.norm).items()}
+    head.update({f"pool.{k}": v for k, v in _state(model.head.pool).items()})
+    head.update({f"proj.{k}": v for k, v in _state(model.head.proj).items()})
+    head.update({k: v.reshape(1) for k, v in _state(model.loss).items()})
+    save_file(head, str(out / "head.safetensors"), metadata={
+        "pool_heads": str(cfg.model.contrastive.pool_heads), "norm_eps": str(vision_cfg.norm_eps),
+        "loss": cfg.model.contrastive.loss, "text_pooling": text_cfg.pooling})
+
+
+CARD = """# {name}
+
+A FineViT {what}, exported by `finevit convert` from `{source}`.
+
+| | |
+|---|---|
+| stage | {task} |
+| step | {step} |
+| samples seen | {samples} |
+| recipe | `config.yaml` (the run's resolved config) |
+
+{body}
+"""
+
+STAGE1_BODY = """Files: `vision/` (the encoder, a `Qwen2_5_VisionTransformerPretrainedModel` without merger:
+stage 1 trains none), `text/` (a `SiglipTextModel`, tokenizer: `text/tokenizer.model`, a
+sentencepiece model; a caption is its ids followed by end-of-text id 3, not padded), and
+`head.safetensors` (the image head and the loss's temperature and bias).
+
+Image embedding: the encoder's patch states (the input of its merger), per image: LayerNorm
+(`norm.*`, eps in the file's metadata) -> attention pooling (`pool.*`, a
+`SiglipMultiheadAttentionPoolingHead` with `pool_heads` heads) -> Linear (`proj.*`) -> L2 norm.
+Text embedding: `SiglipTextModel(ids).pooler_output` -> L2 norm. A pair's logit:
+`exp(logit_scale) * cos + logit_bias`. docs/convert.md has the code, with `transformers` and
+`safetensors` only.
+"""
+
+
+def _card(cfg: Config, step_dir: Path, common: dict) -> str:
+    train = common.get("train", {})
+    return CARD.format(name=Path(cfg.logging.run_dir).name, what="stage-1 encoder and text tower",
+                       source=step_dir, task=cfg.task, step=train.get("step", common.get("step")),
+                       samples=train.get("consumed_samples", "?"), body=STAGE1_BODY)
+
+
+def export_run(path: str, out: str, step: Optional[int] = None, overwrite: bool = False,
+               max_shard_size: str = "5GB") -> Path:
+    """Export a run's checkpoint (its latest, or `step`) to `out`; returns `out`."""
+    step_dir = source_checkpoint(path, step)
+    files.verify_loadable(step_dir)
+    common = files.read_state(step_dir)["common"]
+    cfg = config_from_yaml(common.get("config", "{}"), f"the config saved in {step_dir}")
+    if cfg.task != "stage1":
+        raise ExportError(f"{step_dir} is a {cfg.task} checkpoint: only stage-1 runs export yet")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty: choose another OUT or pass --overwrite")
+    tmp = target.with_name(target.name + ".exporting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model, loaded = load_stage1(cfg, step_dir)
+    log.info("exporting %s (step %s) to %s", step_dir, loaded.get("step"), out)
+    with torch.no_grad():
+        write_stage1(model, cfg, tmp, max_shard_size)
+    (tmp / "config.yaml").write_text(common.get("config", ""))
+    (tmp / "README.md").write_text(_card(cfg, step_dir, common))
+    (tmp / "finevit_export.json").write_text(json.dumps({"task": cfg.task, "source": str(step_dir)}))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,93 @@
+"""`make convert-checkpoint` of a stage-1 run: Hugging Face directories that a process without
+finevit loads with transformers + safetensors and that embed images and captions as finevit does;
+every unusable source or destination is one sentence."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_stage1
+
+HERE = Path(__file__).parent
+VENV = Path(sys.executable).parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(dist, stage1_corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stage1")
+    tiny_stage1.stage1_run(*map(str, stage1_corpus), run, steps=3)
+    return run
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run(["make", "-s", "-o", "install", "convert-checkpoint", f"VENV={VENV}", *args],
+                          cwd=tiny_stage1.ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_exported_stage1_run_embeds_as_finevit_does_without_finevit(run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from finevit.convert.export import load_stage1, source_checkpoint
+    from finevit.config.load import config_from_yaml
+    from finevit.checkpointing.files import read_state
+
+    out = tmp_path / "export"
+    proc = convert(f"RUN={run_dir}", f"OUT={out}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.name for p in out.iterdir()} >= {"vision", "text", "head.safetensors", "README.md", "config.yaml"}
+    card = (out / "README.md").read_text()
+    assert "| step | 3 |" in card and "| stage | stage1 |" in card
+
+    step = source_checkpoint(str(run_dir))
+    cfg = config_from_yaml(read_state(step)["common"]["config"])
+    model, _ = load_stage1(cfg, step)
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), cfg.model.vision.patch_dim, generator=g)
+    captions = [torch.randint(4, 384, (n,), generator=g).tolist() + [3] for n in (5, 9)]  # ids, end-of-text
+    lengths = torch.tensor([len(c) for c in captions])
+    ids = torch.zeros(2, int(lengths.max()), dtype=torch.int64)
+    for row, c in zip(ids, captions):
+        row[:len(c)] = torch.tensor(c)
+    cu = torch.tensor([0, 24, 28], dtype=torch.int32)
+    with torch.no_grad():
+        images, texts = model(pixels, grid, cu, 28, ids, lengths, None)
+    images, texts = (torch.nn.functional.normalize(t, dim=-1) for t in (images, texts))
+
+    inputs, result = tmp_path / "inputs.safetensors", tmp_path / "hf.safetensors"
+    save_file({"pixel_values": pixels, "grid_thw": grid, **{f"text_{i}": torch.tensor(c) for i, c in enumerate(captions)}},
+              str(inputs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    hf = subprocess.run([sys.executable, str(HERE / "hf_stage1_embed.py"), str(out), str(inputs), str(result)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    theirs = load_file(str(result))
+    torch.testing.assert_close(theirs["images"], images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs["texts"], texts, atol=1e-4, rtol=1e-4)
+    loss = model.loss
+    expected = loss.logit_scale.exp() * images @ texts.T + loss.logit_bias
+    torch.testing.assert_close(theirs["logits"], expected.detach(), atol=1e-3, rtol=1e-4)
+
+
+def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "notarun").mkdir()
+    unfinished = tmp_path / "unfinished" / "checkpoints" / "step_000004.tmp"
+    unfinished.mkdir(parents=True)
+    cases = {
+        (f"RUN={tmp_path / 'notarun'}", f"OUT={tmp_path / 'a'}"): "is not a finevit checkpoint",
+        (f"RUN={unfinished}", f"OUT={tmp_path / 'a'}"): "unfinished",
+        (f"RUN={run_dir}", f"OUT={tmp_path / 'b'}", "STEP=7"): "step 7 of",
+        (f"RUN={run_dir}", f"OUT={tmp_path / 'full'}"): "is not empty: choose another OUT or pass --overwrite",
+    }
+    for args, expected in cases.items():
+        proc = convert(*args)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("finevit convert:")]
+        assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert (tmp_path / "full" / "x").read_text() == "x"  # nothing of it was touched
