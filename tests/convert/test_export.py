@@ -91,3 +91,61 @@ def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.startswith("finevit convert:")]
         assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
     assert (tmp_path / "full" / "x").read_text() == "x"  # nothing of it was touched
+
+
+def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_does(
+        dist, stage2_corpus, tmp_path):
+    """The VLM directory: AutoModelForImageTextToText + AutoProcessor load it in a process without
+    finevit; on the processor's input, HF's logits equal finevit's within 1e-4 and HF's greedy
+    `generate` writes the tokens finevit's own greedy decoding (eval/generate.py) writes."""
+    from safetensors.torch import load_file
+
+    from finevit.checkpointing.files import read_state
+    from finevit.config.load import config_from_yaml
+    from finevit.convert.export import load_stage2, source_checkpoint
+    from finevit.data.demo import demo_scene, render
+    from finevit.eval.generate import Question, generate_row
+    from finevit.models.llm.packing import segments
+    from finevit.models.vlm import mrope_positions
+    from finevit.train.stage2 import Stage2Task
+    from tiny_stage2 import tiny_config
+    from finevit.train.trainer import Trainer
+
+    cfg = tiny_config(*map(str, stage2_corpus), tmp_path / "run", **{"schedule.stop_after_steps": 3})
+    trainer = Trainer(cfg, Stage2Task(cfg)).setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = tmp_path / "export"
+    proc = convert(f"RUN={tmp_path / 'run'}", f"OUT={out}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    image = tmp_path / "scene.png"
+    render(demo_scene(0, "finecap", "heldout", 3)).save(image)
+    result = tmp_path / "hf.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    hf = subprocess.run([sys.executable, str(HERE / "hf_vlm_generate.py"), str(out), str(image),
+                         "Describe this image in detail.", str(result), "6"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    theirs = load_file(str(result))
+
+    step = source_checkpoint(str(tmp_path / "run"))
+    saved = config_from_yaml(read_state(step)["common"]["config"])
+    model, _ = load_stage2(saved, step)
+    task = Stage2Task(saved)
+    task.pg = trainer.pg
+    ids, grid, pixels = theirs["input_ids"][0], theirs["image_grid_thw"], theirs["pixel_values"]
+    params = segments([len(ids)], len(ids))
+    mask = ids == task.tokenizer.image_id
+    with torch.no_grad():
+        ours = model(pixels, grid, ids[None], mask, mrope_positions(mask, params.cu_seqlens, grid // torch.tensor([1, 2, 2])),
+                     params, pixels.shape[0])
+    torch.testing.assert_close(ours, theirs["logits"], atol=1e-4, rtol=1e-4)
+    question = Question(ids.tolist(), pixels, tuple(grid[0].tolist()), "caption", "", [])
+    generate_row(task, [model], trainer.pg, [question], 6, saved.data.max_tokens)
+    end = task.tokenizer.ids["im_end"]
+    generated = theirs["generated"].tolist()
+    expected = question.answer[:question.answer.index(end) + 1] if end in question.answer else question.answer
+    assert generated[:len(expected)] == expected and len(expected) > 0

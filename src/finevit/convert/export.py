@@ -1,6 +1,9 @@
 """A trained run -> Hugging Face directories that load with no custom code (`finevit convert`,
 `make convert-checkpoint`).
 
+Stage 2 writes a `Qwen2_5_VLForConditionalGeneration` directory (Qwen2 / Qwen2.5 LLMs; HF has no
+class pairing a Qwen3 LLM with this encoder) with its processor and tokenizer files.
+
 Stage 1 writes, under OUT:
     vision/      the encoder as a Qwen2.5-VL vision tower (`Qwen2_5_VisionTransformerPretrainedModel`,
                  what a Qwen2.5-VL-style VLM loads as its `visual`); stage 1 trains no merger, so
@@ -111,6 +114,82 @@ def write_stage1(model, cfg: Config, out: Path, max_shard_size: str) -> None:
         "loss": cfg.model.contrastive.loss, "text_pooling": text_cfg.pooling})
 
 
+def load_stage2(cfg: Config, step_dir: Path):
+    """The stage-2 VLM of `cfg` at TP=1, PP=1 in fp32 with the checkpoint's weights (any layout)."""
+    from finevit.checkpointing.dist import load_checkpoint
+    from finevit.models.vlm import build_vlm
+
+    pg = _single_process_groups()
+    model = build_vlm(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False)
+    try:
+        common = load_checkpoint(step_dir, [model], None, pg, load_optimizer=False)
+    except Exception as e:  # a checkpoint whose shapes differ from its config
+        raise ExportError(f"{step_dir} does not load into the model its config describes "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    return model.eval(), common
+
+
+def hf_vlm_config(cfg: Config, tok):
+    """Qwen2_5_VLConfig of the run's VLM, with the tokenizer's image and video token ids."""
+    import dataclasses
+
+    from transformers import Qwen2_5_VLConfig
+
+    from finevit.convert import qwen2, qwen2_5_vl
+
+    llm = cfg.model.llm
+    text = qwen2.hf_config_from_llm(llm)
+    text.pop("architectures"), text.pop("model_type")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": list(llm.mrope_section)}
+    vision = dataclasses.replace(cfg.model.vision, merger=True, out_hidden_size=llm.hidden_size)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=qwen2_5_vl.hf_config_from_vision(vision).to_dict(),
+                              image_token_id=tok.image_id, video_token_id=tok.ids["video_pad"],
+                              vision_start_token_id=tok.ids["vision_start"], vision_end_token_id=tok.ids["vision_end"],
+                              tie_word_embeddings=llm.tie_embeddings)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config, vision
+
+
+def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
+    """A Qwen2_5_VLForConditionalGeneration directory with its processor (the run's pixel budget,
+    a chat template rendering conversations as training did)."""
+    from transformers import (AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2TokenizerFast, Qwen2VLImageProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from finevit.convert import qwen2, qwen2_5_vl
+    from finevit.data.llm_tokenizer import CHAT_TEMPLATE, LLMTokenizer, as_qwen2_tokenizer, default_tokenizer
+
+    if cfg.model.llm.family != "qwen2":
+        raise ExportError("a Qwen3 LLM has no Hugging Face VLM class to pair it with this encoder: only "
+                          "Qwen2 / Qwen2.5 stage-2 runs export yet")
+    tok_dir = default_tokenizer(cfg.data.llm, cfg.model.llm)
+    tok = LLMTokenizer(tok_dir)
+    config, vision = hf_vlm_config(cfg, tok)
+    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    hf.model.visual.load_state_dict(qwen2_5_vl.canonical_to_hf(_state(model.vision), vision), strict=True)
+    text = qwen2.canonical_to_hf(_state(model.llm), cfg.model.llm)
+    hf.model.language_model.load_state_dict({k[len("model."):]: v for k, v in text.items() if k.startswith("model.")},
+                                            strict=True)
+    if "lm_head.weight" in text:
+        hf.lm_head.weight.data.copy_(text["lm_head.weight"])
+    hf.save_pretrained(out, max_shard_size=max_shard_size)
+    system = cfg.data.llm.system_prompt
+    template = CHAT_TEMPLATE if not system else CHAT_TEMPLATE.replace(
+        "{% for message in messages %}",
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
+        "{% for message in messages %}", 1)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
+        tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)
+    tokenizer.chat_template = template
+    m = cfg.model.vision
+    images = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                                   patch_size=m.patch_size, merge_size=m.spatial_merge_size, temporal_patch_size=2)
+    Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=template).save_pretrained(out)
+
+
 CARD = """# {name}
 
 A FineViT {what}, exported by `finevit convert` from `{source}`.
@@ -139,11 +218,25 @@ Text embedding: `SiglipTextModel(ids).pooler_output` -> L2 norm. A pair's logit:
 """
 
 
+STAGE2_BODY = """A `Qwen2_5_VLForConditionalGeneration` (the FineViT encoder, its 2x2-merge projector and the
+LLM) with its processor: `AutoModelForImageTextToText.from_pretrained` and
+`AutoProcessor.from_pretrained` load it without `trust_remote_code`. The processor resizes images
+into the run's pixel budget; its chat template renders conversations as training did. Boxes in
+answers are `[x0, y0, x1, y1]` ({boxes}).
+"""
+
+
 def _card(cfg: Config, step_dir: Path, common: dict) -> str:
     train = common.get("train", {})
-    return CARD.format(name=Path(cfg.logging.run_dir).name, what="stage-1 encoder and text tower",
-                       source=step_dir, task=cfg.task, step=train.get("step", common.get("step")),
-                       samples=train.get("consumed_samples", "?"), body=STAGE1_BODY)
+    if cfg.task == "stage2":
+        boxes = ("pixels of the resized image" if cfg.data.llm.box_format == "absolute"
+                 else "0..1000 of the image's width and height")
+        what, body = "vision-language model (stage 2)", STAGE2_BODY.format(boxes=boxes)
+    else:
+        what, body = "stage-1 encoder and text tower", STAGE1_BODY
+    return CARD.format(name=Path(cfg.logging.run_dir).name, what=what, source=step_dir, task=cfg.task,
+                       step=train.get("step", common.get("step")), samples=train.get("consumed_samples", "?"),
+                       body=body)
 
 
 def export_run(path: str, out: str, step: Optional[int] = None, overwrite: bool = False,
@@ -153,18 +246,23 @@ def export_run(path: str, out: str, step: Optional[int] = None, overwrite: bool 
     files.verify_loadable(step_dir)
     common = files.read_state(step_dir)["common"]
     cfg = config_from_yaml(common.get("config", "{}"), f"the config saved in {step_dir}")
-    if cfg.task != "stage1":
-        raise ExportError(f"{step_dir} is a {cfg.task} checkpoint: only stage-1 runs export yet")
+    if cfg.task not in ("stage1", "stage2"):
+        raise ExportError(f"{step_dir} is a {cfg.task} checkpoint, which has no export")
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ExportError(f"{out} is not empty: choose another OUT or pass --overwrite")
     tmp = target.with_name(target.name + ".exporting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model, loaded = load_stage1(cfg, step_dir)
+    load, write = (load_stage1, write_stage1) if cfg.task == "stage1" else (load_stage2, write_stage2)
+    model, loaded = load(cfg, step_dir)
     log.info("exporting %s (step %s) to %s", step_dir, loaded.get("step"), out)
-    with torch.no_grad():
-        write_stage1(model, cfg, tmp, max_shard_size)
+    try:
+        with torch.no_grad():
+            write(model, cfg, tmp, max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "config.yaml").write_text(common.get("config", ""))
     (tmp / "README.md").write_text(_card(cfg, step_dir, common))
     (tmp / "finevit_export.json").write_text(json.dumps({"task": cfg.task, "source": str(step_dir)}))

@@ -14,14 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECIAL_TOKENS = {"pad": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
                   "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
-                  "image_pad": "<|image_pad|>"}
+                  "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>"}
 
-# Qwen2-VL's chat template (images as an image block at their place in the user turn), so that a
-# converted checkpoint's processor renders conversations exactly as training did.
+# Qwen2-VL's chat template (images as an image block at their place in the user turn) without its
+# default system turn: stage 2 trains without one unless data.llm.system_prompt says otherwise,
+# and an exported processor must render conversations exactly as training did.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -90,7 +89,6 @@ def train_llm_tokenizer(texts: Iterable[str], out: str, vocab_size: int = 1024,
     """Train a byte-level BPE on `texts` (the demo's captions and region texts) and save it to
     `out` as a Hugging Face tokenizer directory with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,11 +97,21 @@ def train_llm_tokenizer(texts: Iterable[str], out: str, vocab_size: int = 1024,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator((t for t in texts if t), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=SPECIAL_TOKENS["pad"],
-                                  eos_token=SPECIAL_TOKENS["im_end"], additional_special_tokens=specials[1:])
+    tok = as_qwen2_tokenizer(bpe)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     return out
+
+
+def as_qwen2_tokenizer(backend):
+    """A `tokenizers.Tokenizer` as transformers' Qwen2TokenizerFast (the class Qwen2.5-VL's processor
+    requires), with Qwen's special tokens."""
+    from transformers import Qwen2TokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    return Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None,
+                              pad_token=SPECIAL_TOKENS["pad"], eos_token=SPECIAL_TOKENS["im_end"],
+                              additional_special_tokens=specials[1:])
 
 
 def default_tokenizer(data_llm, llm) -> Optional[str]:
