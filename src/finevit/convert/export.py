@@ -66,11 +66,16 @@ def _single_process_groups():
 
 def load_stage1(cfg: Config, step_dir: Path):
     """The stage-1 model of `cfg` at TP=1, PP=1 in fp32 with the checkpoint's weights (any layout)."""
-    from finevit.checkpointing.dist import load_checkpoint
     from finevit.models.siglip import build_siglip
 
     pg = _single_process_groups()
     (model,) = build_siglip(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False)
+    return _load_weights(model, step_dir, pg)
+
+
+def _load_weights(model, step_dir: Path, pg):
+    from finevit.checkpointing.dist import load_checkpoint
+
     try:
         common = load_checkpoint(step_dir, [model], None, pg, load_optimizer=False)
     except Exception as e:  # a checkpoint whose shapes differ from its config
@@ -116,17 +121,10 @@ def write_stage1(model, cfg: Config, out: Path, max_shard_size: str) -> None:
 
 def load_stage2(cfg: Config, step_dir: Path):
     """The stage-2 VLM of `cfg` at TP=1, PP=1 in fp32 with the checkpoint's weights (any layout)."""
-    from finevit.checkpointing.dist import load_checkpoint
     from finevit.models.vlm import build_vlm
 
     pg = _single_process_groups()
-    model = build_vlm(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False)
-    try:
-        common = load_checkpoint(step_dir, [model], None, pg, load_optimizer=False)
-    except Exception as e:  # a checkpoint whose shapes differ from its config
-        raise ExportError(f"{step_dir} does not load into the model its config describes "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    return model.eval(), common
+    return _load_weights(build_vlm(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False), step_dir, pg)
 
 
 def hf_vlm_config(cfg: Config, tok):
