@@ -74,23 +74,25 @@ def test_an_exported_stage1_run_embeds_as_finevit_does_without_finevit(run_dir, 
     torch.testing.assert_close(theirs["logits"], expected.detach(), atol=1e-3, rtol=1e-4)
 
 
-def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path):
+def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path, capsys):
+    from finevit.cli import main
+
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "notarun").mkdir()
     unfinished = tmp_path / "unfinished" / "checkpoints" / "step_000004.tmp"
     unfinished.mkdir(parents=True)
     cases = {
-        (f"RUN={tmp_path / 'notarun'}", f"OUT={tmp_path / 'a'}"): "is not a finevit checkpoint",
-        (f"RUN={unfinished}", f"OUT={tmp_path / 'a'}"): "unfinished",
-        (f"RUN={run_dir}", f"OUT={tmp_path / 'b'}", "STEP=7"): "step 7 of",
-        (f"RUN={run_dir}", f"OUT={tmp_path / 'full'}"): "is not empty: choose another OUT or pass --overwrite",
+        (str(tmp_path / "notarun"), "--out", str(tmp_path / "a")): "is not a finevit checkpoint",
+        (str(unfinished), "--out", str(tmp_path / "a")): "unfinished",
+        (str(run_dir), "--out", str(tmp_path / "b"), "--step", "7"): "step 7 of",
+        (str(run_dir), "--out", str(tmp_path / "full")): "is not empty: choose another OUT or pass --overwrite",
     }
     for args, expected in cases.items():
-        proc = convert(*args)
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("finevit convert:")]
-        assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
-    assert (tmp_path / "full" / "x").read_text() == "x"  # nothing of it was touched
+        assert main(["convert", *args]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("finevit convert: ") and expected in line, line
+    assert (tmp_path / "full" / "x").read_text() == "x" and not (tmp_path / "a").exists()  # nothing touched
 
 
 def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_does(
