@@ -127,8 +127,9 @@ def load_stage2(cfg: Config, step_dir: Path):
     return _load_weights(build_vlm(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False), step_dir, pg)
 
 
-def hf_vlm_config(cfg: Config, tok):
-    """Qwen2_5_VLConfig of the run's VLM, with the tokenizer's image and video token ids."""
+def hf_vlm_config(cfg: Config, ids: dict):
+    """Qwen2_5_VLConfig of the run's VLM, with the tokenizer's image and video token ids (`ids`:
+    chat_format.SPECIAL_TOKENS' names -> ids)."""
     import dataclasses
 
     from transformers import Qwen2_5_VLConfig
@@ -141,8 +142,8 @@ def hf_vlm_config(cfg: Config, tok):
     text["rope_scaling"] = {"type": "mrope", "mrope_section": list(llm.mrope_section)}
     vision = dataclasses.replace(cfg.model.vision, merger=True, out_hidden_size=llm.hidden_size)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=qwen2_5_vl.hf_config_from_vision(vision).to_dict(),
-                              image_token_id=tok.image_id, video_token_id=tok.ids["video_pad"],
-                              vision_start_token_id=tok.ids["vision_start"], vision_end_token_id=tok.ids["vision_end"],
+                              image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                              vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
                               tie_word_embeddings=llm.tie_embeddings)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return config, vision
@@ -156,14 +157,17 @@ def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from finevit.convert import qwen2, qwen2_5_vl
-    from finevit.data.llm_tokenizer import CHAT_TEMPLATE, LLMTokenizer, as_qwen2_tokenizer, default_tokenizer
+    from finevit.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, as_qwen2_tokenizer
 
     if cfg.model.llm.family != "qwen2":
         raise ExportError("a Qwen3 LLM has no Hugging Face VLM class to pair it with this encoder: only "
                           "Qwen2 / Qwen2.5 stage-2 runs export yet")
-    tok_dir = default_tokenizer(cfg.data.llm, cfg.model.llm)
-    tok = LLMTokenizer(tok_dir)
-    config, vision = hf_vlm_config(cfg, tok)
+    tok_dir = cfg.data.llm.tokenizer or cfg.model.llm.init_from
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
+        tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
+    config, vision = hf_vlm_config(cfg, ids)
     hf = Qwen2_5_VLForConditionalGeneration(config).eval()
     hf.model.visual.load_state_dict(qwen2_5_vl.canonical_to_hf(_state(model.vision), vision), strict=True)
     text = qwen2.canonical_to_hf(_state(model.llm), cfg.model.llm)
@@ -177,9 +181,6 @@ def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
         "{% for message in messages %}",
         "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
         "{% for message in messages %}", 1)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
-        tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)
     tokenizer.chat_template = template
     m = cfg.model.vision
     images = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
