@@ -1,4 +1,5 @@
-"""One local 2-node SLURM cluster for every launch test of the session."""
+"""A local 2-node SLURM cluster per launch test module, stopped when the module ends (idle daemons
+must not share the machine with the rest of the suite)."""
 
 import os
 
@@ -7,7 +8,7 @@ import pytest
 from local_slurm import LocalSlurm, available
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     why = available()
     if why:
