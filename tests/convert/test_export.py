@@ -135,9 +135,12 @@ def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_doe
 
     step = source_checkpoint(str(tmp_path / "run"))
     saved = config_from_yaml(read_state(step)["common"]["config"])
-    model, _ = load_stage2(saved, step)
+    model, _ = load_stage2(saved, step)  # on new groups: the trainer's are gone
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
     task = Stage2Task(saved)
-    task.pg = trainer.pg
+    task.pg = pg
     ids, grid, pixels = theirs["input_ids"][0], theirs["image_grid_thw"], theirs["pixel_values"]
     params = segments([len(ids)], len(ids))
     mask = ids == task.tokenizer.image_id
@@ -146,7 +149,7 @@ def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_doe
                      params, pixels.shape[0])
     torch.testing.assert_close(ours, theirs["logits"], atol=1e-4, rtol=1e-4)
     question = Question(ids.tolist(), pixels, tuple(grid[0].tolist()), "caption", "", [])
-    generate_row(task, [model], trainer.pg, [question], 6, saved.data.max_tokens)
+    generate_row(task, [model], pg, [question], 6, saved.data.max_tokens)
     end = task.tokenizer.ids["im_end"]
     generated = theirs["generated"].tolist()
     expected = question.answer[:question.answer.index(end) + 1] if end in question.answer else question.answer

@@ -13,10 +13,23 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from finevit.config import ParallelConfig
 
 
+_MEGATRON_GROUPS: list = []  # the groups the last init_model_parallel made
+
+
 def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> ProcessGroupCollection:
-    """(Re)build megatron's TP / PP / DP groups for `parallel` and seed the TP RNG tracker."""
+    """(Re)build megatron's TP / PP / DP groups for `parallel` and seed the TP RNG tracker.
+
+    Rebuilding destroys the previous layout's groups: megatron's own teardown only drops its
+    references, and every gloo group keeps threads polling (a process that switches layouts many
+    times, e.g. the multi-rank tests, ended up with ~500 groups and 1,500 threads per rank)."""
+    from torch.distributed import distributed_c10d
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    for group in _MEGATRON_GROUPS:
+        if group in distributed_c10d._world.pg_map:
+            torch.distributed.destroy_process_group(group)
+    before = set(distributed_c10d._world.pg_map)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
@@ -24,6 +37,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> ProcessGr
         # gloo duplicates of the DP groups only matter when the main backend is NCCL.
         create_gloo_process_groups=torch.distributed.get_backend() == "nccl",
     )
+    _MEGATRON_GROUPS[:] = [g for g in distributed_c10d._world.pg_map if g not in before]
     model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
@@ -37,11 +51,24 @@ GROUP_NAMES = ("tp", "pp", "mp", "cp", "tp_cp", "dp", "dp_cp", "tp_dp_cp", "embd
                "dp_cp_gtp_remat", "intra_dp_cp")
 
 
+_SOLO: list = []  # [(world group, this rank's singleton group)]
+
+
+def _solo_group():
+    """This rank alone, made once per world: each new gloo group starts threads of its own, and
+    a process that builds many models (tests, canonical copies) would pile up hundreds."""
+    world = torch.distributed.group.WORLD
+    if not _SOLO or _SOLO[0][0] is not world:
+        mine, _ = torch.distributed.new_subgroups(group_size=1)  # collective: every rank, in order
+        _SOLO[:] = [(world, mine)]
+    return _SOLO[0][1]
+
+
 def solo_collection() -> ProcessGroupCollection:
     """A collection in which every group is this rank alone: a TP=1, PP=1 model beside a parallel
-    one in the same process (canonical initialisation, references in tests). Collective: every
-    rank creates every singleton group, in the same order."""
-    mine, _ = torch.distributed.new_subgroups(group_size=1)
+    one in the same process (canonical initialisation, references in tests). Collective the first
+    time in a world: every rank creates every singleton group, in the same order."""
+    mine = _solo_group()
     pg = ProcessGroupCollection()
     for name in GROUP_NAMES:
         setattr(pg, name, mine)
