@@ -3,7 +3,7 @@
 import os
 
 from finevit.config import load_config
-from tiny_runs import run_settings
+from tiny_runs import run_settings, train_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "stage1", "demo_cpu.yaml")
@@ -36,12 +36,7 @@ def stage1_run(corpus_dir, tokenizer, run_dir, steps: int = 2) -> dict:
     """A short stage-1 run in this process (the `dist` fixture's world), e.g. for stage 2 to start
     from; returns its encoder's weights."""
     from finevit.train.stage1 import Stage1Task
-    from finevit.train.trainer import Trainer
 
     cfg = tiny_config(corpus_dir, tokenizer, run_dir, **{"schedule.stop_after_steps": steps})
-    trainer = Trainer(cfg, Stage1Task(cfg)).setup()
-    try:
-        trainer.train()
-        return {n: p.detach().clone() for n, p in trainer.chunks[0].vision.named_parameters()}
-    finally:
-        trainer.close()
+    trainer = train_in_process(cfg, Stage1Task)
+    return {n: p.detach().clone() for n, p in trainer.chunks[0].vision.named_parameters()}

@@ -3,13 +3,11 @@ under PP=2 (real processes via torchrun, gloo) follows the loss curve of the sin
 with the same data and micro-batching."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tiny_stage1 import DEMO_CONFIG, ROOT, tiny_overrides
+from tiny_runs import torchrun_train
+from tiny_stage1 import DEMO_CONFIG, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -17,14 +15,7 @@ pytestmark = pytest.mark.slow
 def train(run_dir, nproc: int, *overrides: str) -> dict:
     corpus, tokenizer, base = overrides[0], overrides[1], overrides[2:]
     args = tiny_overrides(corpus, tokenizer, run_dir, **{"schedule.train_samples": 60}) + list(base)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "finevit.cli", "train", DEMO_CONFIG, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows if r["kind"] == "train"}
+    return torchrun_train(DEMO_CONFIG, args, nproc, run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ from finevit.train.stage2 import Stage2Task
 from finevit.train.trainer import Trainer
 
 import tiny_stage1
-from tiny_runs import losses, tower_params
+from tiny_runs import losses, tower_params, train_in_process
 from tiny_stage2 import DEMO_CONFIG, tiny_config, tiny_overrides
 
 
 def run(cfg):
-    trainer = Trainer(cfg, Stage2Task(cfg)).setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
+    return train_in_process(cfg, Stage2Task)
 
 
 @pytest.fixture
@@ -166,7 +161,7 @@ def hugging_face_pair(cfg, tok, out):
     a Qwen2ForCausalLM to out/llm; returns the VLM."""
     import dataclasses
 
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+    from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
     from finevit.convert import qwen2 as conv
     from finevit.convert.qwen2_5_vl import hf_config_from_vision
@@ -184,10 +179,8 @@ def hugging_face_pair(cfg, tok, out):
     vlm = Qwen2_5_VLForConditionalGeneration(config).float().eval()
     randomize_(vlm, seed=3)
     vlm.save_pretrained(out / "vlm")
-    import transformers
-
-    llm_config = transformers.AutoConfig.for_model(causal.pop("model_type"), **{k: v for k, v in causal.items()
-                                                                                if k != "architectures"})
+    llm_config = AutoConfig.for_model(causal.pop("model_type"), **{k: v for k, v in causal.items()
+                                                                   if k != "architectures"})
     llm = Qwen2ForCausalLM(llm_config)
     llm.model.load_state_dict(vlm.model.language_model.state_dict())
     llm.lm_head.load_state_dict(vlm.lm_head.state_dict())

@@ -3,15 +3,11 @@ layer on the first stage) and TP=2 x PP=2, as real processes on gloo, starts its
 same single-process stage-1 run and follows the single-process loss and gradient-norm curve,
 through a projector-only phase and the unfreezing after it."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import tiny_stage1
-from tiny_stage2 import DEMO_CONFIG, ROOT, tiny_overrides
+from tiny_runs import torchrun_train
+from tiny_stage2 import DEMO_CONFIG, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -21,35 +17,32 @@ COMMON = {"schedule.micro_batches_per_step": 2, "schedule.train_samples": 12, "e
                              " {start_samples: 6, max_pixels: 12544, freeze: []}]"}
 
 
-def launch(config: str, args: list[str], nproc: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "finevit.cli", "train", config, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.fixture(scope="module")
+def stage1_source(dist, stage1_corpus, tmp_path_factory):
+    """The stage-1 run every layout starts its encoder from (PP: loaded by stage 0 only)."""
+    stage1 = tmp_path_factory.mktemp("stage1")
+    tiny_stage1.stage1_run(*map(str, stage1_corpus), stage1)
+    return stage1
 
 
-def train(corpus, tokenizer, run_dir, nproc: int, *layout: str) -> dict:
-    launch(DEMO_CONFIG, tiny_overrides(corpus, tokenizer, run_dir, **COMMON) + list(layout), nproc)
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows if r["kind"] == "train"}
+def train(stage2_corpus, stage1_source, run_dir, nproc: int, *layout: str) -> dict:
+    args = tiny_overrides(*map(str, stage2_corpus), run_dir, **COMMON,
+                          **{"model.vision.init_from": str(stage1_source)}) + list(layout)
+    return torchrun_train(DEMO_CONFIG, args, nproc, run_dir)
 
 
 @pytest.fixture(scope="module")
-def reference(dist, stage1_corpus, stage2_corpus, tmp_path_factory) -> dict:
-    stage1 = tmp_path_factory.mktemp("stage1")
-    tiny_stage1.stage1_run(*map(str, stage1_corpus), stage1)
-    COMMON["model.vision.init_from"] = str(stage1)  # every layout loads it (PP: stage 0 only)
-    return train(*map(str, stage2_corpus), tmp_path_factory.mktemp("single"), 1)
+def reference(stage2_corpus, stage1_source, tmp_path_factory) -> dict:
+    return train(stage2_corpus, stage1_source, tmp_path_factory.mktemp("single"), 1)
 
 
 @pytest.mark.parametrize("layout,nproc", [
     ("parallel.tensor=2 parallel.sequence_parallel=true", 2),
     ("parallel.pipeline=2", 2),
     ("parallel.tensor=2 parallel.pipeline=2 parallel.sequence_parallel=true", 4)], ids=["tp2_sp", "pp2", "tp2_pp2"])
-def test_parallel_loss_curve_equals_single_process(stage2_corpus, tmp_path, reference, layout, nproc):
-    got = train(*map(str, stage2_corpus), tmp_path, nproc, *layout.split())
+def test_parallel_loss_curve_equals_single_process(stage2_corpus, stage1_source, tmp_path, reference, layout,
+                                                   nproc):
+    got = train(stage2_corpus, stage1_source, tmp_path, nproc, *layout.split())
     assert got.keys() == reference.keys() and len(reference) == 6
     assert {r["phase"] for r in reference.values()} == {0, 1}
     for step, ref in reference.items():

@@ -13,19 +13,12 @@ import torch.nn.functional as F
 from finevit.train.stage1 import Stage1Task
 from finevit.train.trainer import Trainer, TrainingError
 
-from tiny_runs import losses, tower_params
+from tiny_runs import losses, tower_params, train_in_process
 from tiny_stage1 import tiny_config
 
 
 def run(cfg, **hooks):
-    trainer = Trainer(cfg, Stage1Task(cfg))
-    trainer._save_hooks.update(hooks)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
+    return train_in_process(cfg, Stage1Task, **hooks)
 
 
 @pytest.fixture

@@ -11,6 +11,11 @@ from finevit.config.validate import parallel_ok, vision_ok
 TEMPLATE_TOKENS = 16
 
 
+def llm_tokenizer_dir(cfg: Config):
+    """Stage 2's tokenizer directory: data.llm.tokenizer, else the LLM directory model.llm.init_from."""
+    return (cfg.data.llm and cfg.data.llm.tokenizer) or (cfg.model.llm and cfg.model.llm.init_from) or None
+
+
 def _needs(cfg: Config) -> list[str]:
     out = []
     if cfg.model.llm is None:

@@ -29,6 +29,7 @@ import torch
 from finevit.checkpointing import files
 from finevit.config import Config, ParallelConfig
 from finevit.config.load import config_from_yaml
+from finevit.config.stage2 import llm_tokenizer_dir
 
 log = logging.getLogger("finevit.convert")
 
@@ -98,9 +99,8 @@ def write_stage1(model, cfg: Config, out: Path, max_shard_size: str) -> None:
 
     vision_cfg = cfg.model.vision
     tower = qwen2_5_vl.canonical_to_hf(_state(model.vision), vision_cfg, merger=False)
+    # canonical_to_hf checked every name and shape; the model only carries the config to save
     hf_vision = Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision_cfg))
-    missing, unexpected = hf_vision.load_state_dict(tower, strict=False)
-    assert not unexpected and all(k.startswith("merger.") for k in missing), (missing, unexpected)
     hf_vision.save_pretrained(out / "vision", max_shard_size=max_shard_size,
                               state_dict=tower)  # the trained weights only: no merger
     text_cfg, embed = cfg.model.text, cfg.model.contrastive.embed_dim
@@ -162,7 +162,7 @@ def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
     if cfg.model.llm.family != "qwen2":
         raise ExportError("a Qwen3 LLM has no Hugging Face VLM class to pair it with this encoder: only "
                           "Qwen2 / Qwen2.5 stage-2 runs export yet")
-    tok_dir = cfg.data.llm.tokenizer or cfg.model.llm.init_from
+    tok_dir = llm_tokenizer_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
         tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)

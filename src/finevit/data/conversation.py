@@ -30,6 +30,7 @@ of its width and height. Boxes come from the preprocessor, which moved them with
 and flip, so the numbers always describe the pixels.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,8 +75,6 @@ def format_box(box, size: tuple[int, int], box_format: str) -> str:
 
 def parse_box(text: str) -> Optional[list[float]]:
     """The first "[x0, y0, x1, y1]" in a generated answer, or None."""
-    import re
-
     m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]", text)
     return [float(v) for v in m.groups()] if m else None
 

@@ -3,7 +3,7 @@ project trains for the demo with the same special tokens (the chat format: finev
 """
 
 import os
-from typing import Iterable, Optional
+from typing import Iterable
 
 from finevit.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, as_qwen2_tokenizer
 
@@ -81,8 +81,3 @@ def train_llm_tokenizer(texts: Iterable[str], out: str, vocab_size: int = 1024,
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     return out
-
-
-def default_tokenizer(data_llm, llm) -> Optional[str]:
-    """data.llm.tokenizer, else the LLM directory model.llm.init_from."""
-    return data_llm.tokenizer or (llm.init_from if llm is not None else None)

@@ -21,6 +21,7 @@ import torch
 
 from finevit.data.conversation import IGNORE, parse_box
 from finevit.data.packing import PackedBatch
+from finevit.parallel.dist import collective_device
 from finevit.parallel.schedule import forward_backward
 
 BOX_TASKS = ("text_to_box", "ocr_to_box")
@@ -90,7 +91,7 @@ def generate_row(task, chunks: list, pg, row: list[Question], max_new: int, vit_
     """Greedy answers for one row of questions (appended to each question's `answer`). Collective
     over the replica's TP and PP ranks, which hold the same questions."""
     tok, end_id = task.tokenizer, task.tokenizer.ids["im_end"]
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = collective_device()
     last = torch.distributed.get_global_rank(pg.pp, pg.pp.size() - 1)
     for _ in range(max_new):
         live = [q for q in row if not q.answer or (q.answer[-1] != end_id and len(q.answer) < max_new)]

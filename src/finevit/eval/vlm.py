@@ -16,6 +16,7 @@ import torch
 from finevit.config.data import BadSampleConfig
 from finevit.eval.generate import BOX_TASKS, TEXT_TASKS, generation_scores
 from finevit.eval.passes import eval_pass
+from finevit.parallel.dist import collective_device
 from finevit.parallel.schedule import forward_backward
 
 METRICS = ([f"{t}_{m}" for t in BOX_TASKS for m in ("acc50", "miou")]
@@ -56,7 +57,7 @@ def evaluate_vlm(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
             task, chunks, pg, batches, cfg.eval.max_new_tokens, cfg.data.max_tokens)
     if pg.pp.rank() != pg.pp.size() - 1:
         return None
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = collective_device()
     totals = torch.tensor([sum(s for s, _ in losses), sum(n for _, n in losses), images]
                           + [sums.get(m, 0.0) for m in METRICS] + [counts.get(m, 0) for m in METRICS],
                           dtype=torch.float64, device=device)

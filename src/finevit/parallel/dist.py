@@ -82,6 +82,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def collective_device() -> torch.device:
+    """Where tensors for the default backend's collectives live (NCCL: this rank's GPU)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600,
                      environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     """Initialise the default process group (idempotent) and pick this rank's device.

@@ -18,15 +18,17 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import unwrap_model
 
 from finevit.config import Config
+from finevit.config.stage2 import llm_tokenizer_dir
 from finevit.data import PatchSpec, build_loader
 from finevit.data.conversation import ConversationEncoder
-from finevit.data.llm_tokenizer import LLMTokenizer, check_llm_tokenizer, default_tokenizer
+from finevit.data.llm_tokenizer import LLMTokenizer, check_llm_tokenizer
 from finevit.data.packing import PackedBatch
 from finevit.eval import corpus_schemas
 from finevit.eval.vlm import evaluate_vlm
 from finevit.models.llm.packing import segments
 from finevit.models.vlm import build_vlm, mrope_positions
 from finevit.models.vlm.flops import vlm_train_flops
+from finevit.parallel.dist import collective_device
 from finevit.train.schedules import ResolvedPhase
 from finevit.train.stage2_init import load_llm, load_vision, vision_source_problems
 from finevit.train.task import TASKS
@@ -55,7 +57,7 @@ class Stage2Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.pg = None
-        self.tokenizer_path = default_tokenizer(cfg.data.llm, cfg.model.llm)
+        self.tokenizer_path = llm_tokenizer_dir(cfg)
         self._tokenizer: Optional[LLMTokenizer] = None
         self._step_answer_tokens = 0.0  # over all DP ranks, set by start_step
 
@@ -117,7 +119,7 @@ class Stage2Task:
     # ------------------------------------------------------------------ a step
 
     def start_step(self, batches: list) -> None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = collective_device()
         n = sum(int((next_token_targets(b) != IGNORE).sum()) for b in batches)
         n = torch.tensor([float(n)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(n, group=self.pg.dp)

@@ -24,7 +24,7 @@ from finevit.checkpointing import dist as ckpt
 from finevit.checkpointing.files import resolve as resolve_checkpoint
 from finevit.config import Config, to_yaml
 from finevit.data.loader import BadSampleBudget
-from finevit.parallel.dist import init_distributed
+from finevit.parallel.dist import collective_device, init_distributed
 from finevit.parallel.groups import data_parallel_rank_and_size, init_model_parallel, solo_collection
 from finevit.parallel.schedule import forward_backward
 from finevit.parallel.shards import canonical_parameters, load_full_state
@@ -55,7 +55,7 @@ class Trainer:
         self._signalled = False
         self._saved_step = 0  # the step of the last checkpoint saved or resumed from
         # Collectives of the default backend need tensors where it lives (NCCL: the GPU).
-        self._device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self._device = collective_device()
         self._lock: Optional[RunLock] = None
         self._save_hooks: dict = {}  # tests: {"_fail_after_model_save": callable}
 
