@@ -112,3 +112,24 @@ def test_parameters_carry_their_tower_and_a_step_counts_both_towers_flops(solo_g
     encoder = 2 * n * VISION.patch_dim * h + 2 * per_layer + 2 * 6 * 128 * 128 + 2 * 6 * 128 * 64
     assert vlm_train_flops(ModelConfig(vision=VISION, llm=LLM), torch.tensor([[1, 4, 6]]), [15]) == \
         3 * encoder + llm_train_flops(LLM, [15])
+
+
+def test_a_frozen_encoder_builds_no_graph_and_changes_no_output(solo_groups):
+    model = build_vlm(ModelConfig(vision=VISION, llm=LLM), ParallelConfig(), solo_groups, use_te=False)
+    x, grid, row, params, positions, _ = packed_row(pad=3)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(x, grid, row[None], row == IMAGE, positions, params)
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    live, grads = run()
+    model.vision.frozen = True
+    frozen, frozen_grads = run()
+    torch.testing.assert_close(frozen, live, rtol=0, atol=0)
+    for name, grad in frozen_grads.items():
+        if name.startswith("vision.") and ".merger." not in name:
+            assert grad is None, name  # no graph: not even a zero gradient
+        else:  # the projector and the LLM learn as before
+            torch.testing.assert_close(grad, grads[name], rtol=1e-6, atol=1e-7)

@@ -68,9 +68,12 @@ class SigLIPChunk(MegatronModule):
             return None
         if text_len is not None:  # "last" pooling reads the phase's final position
             text_ids = pad_to_length(text_ids, text_len, self.text.text.pad_id)
-        # A frozen tower builds no graph: cheaper, and its gradients stay exactly zero.
+        # A frozen tower builds no graph: cheaper, and its gradients stay exactly zero. Detached
+        # as well: megatron re-enables grad around each layer's bias-dropout-add, which would
+        # otherwise hang the biases and every later layer on a graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_frozen):
-            return self.text(text_ids, lengths)
+            out = self.text(text_ids, lengths)
+        return out.detach() if self.text_frozen else out
 
 
 def singleton_pipeline(pg: ProcessGroupCollection) -> ProcessGroupCollection:

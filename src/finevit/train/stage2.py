@@ -10,6 +10,7 @@ micro-batch happened to be (a mean of per-micro-batch means would be biased unde
 """
 
 import logging
+import os
 from functools import partial
 from typing import Optional
 
@@ -185,11 +186,17 @@ class Stage2Task:
                 vlm_train_flops(self.cfg.model, batch.grid_thw, lengths))
 
     def enter_phase(self, phase: ResolvedPhase, chunks: list, optimizer, state) -> None:
-        pass  # the loop applies a phase's pixel budget and frozen towers; nothing else changes
+        """A frozen encoder skips its backward (the loop has set its LR to 0 already)."""
+        for chunk in chunks:
+            vision = unwrap_model(chunk).vision
+            if vision is not None:
+                vision.frozen = "vision" in phase.freeze
 
-    def evaluate(self, chunks: list, pg, phase: ResolvedPhase) -> Optional[dict]:
-        """Answer-token loss and generated answers (IoU, exact match, token F1) on eval.corpora."""
-        return evaluate_vlm(self.cfg, self, chunks, pg, phase)
+    def evaluate(self, chunks: list, pg, phase: ResolvedPhase, step: Optional[int] = None) -> Optional[dict]:
+        """Answer-token loss and generated answers (IoU, exact match, token F1) on eval.corpora;
+        a few answers per task beside their references in <run>/eval/answers_step<N>.jsonl."""
+        answers = None if step is None else os.path.join(self.cfg.logging.run_dir, "eval", f"answers_step{step:06d}.jsonl")
+        return evaluate_vlm(self.cfg, self, chunks, pg, phase, answers_to=answers)
 
     def extra_metrics(self, chunks: list) -> dict:
         return {}

@@ -83,6 +83,9 @@ class FineViTEncoder(MegatronModule):
                                         post_process=post_process, pg_collection=pg_collection,
                                         vp_stage=vp_stage)
         self.merger = PatchMerger(config, vision, pg_collection) if post_process and vision.merger else None
+        # A frozen encoder builds no graph (its merger, the projector tower, still does): a
+        # stage-2 warm-up then costs the encoder's forward only.
+        self.frozen = False
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""
@@ -117,16 +120,10 @@ class FineViTEncoder(MegatronModule):
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         rope, packed, order = self.layout(grid_thw, num_tokens)
         rope = rope.to(device)
-        hidden = None
-        if self.pre_process:
-            hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
-            if order is not None:
-                hidden = hidden[order.to(hidden.device)]
-            hidden = hidden.unsqueeze(1)  # [S, h] -> [S, b=1, h], megatron's layout
-            if self.config.sequence_parallel:
-                hidden = scatter_to_sequence_parallel_region(hidden, group=self.pg_collection.tp)
-        out = self.decoder(hidden, attention_mask=None, rotary_pos_emb=rope,
-                           packed_seq_params=packed)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self._encode(pixel_values, rope, packed, order)
+        if self.frozen:  # megatron re-enables grad around bias-dropout-add: cut what that hung on
+            out = out.detach()
         if not self.post_process:
             return out
         if self.config.sequence_parallel:
@@ -136,3 +133,15 @@ class FineViTEncoder(MegatronModule):
         if order is not None:
             out = out[torch.argsort(order).to(out.device)]
         return self.merger(out) if self.merger is not None else out
+
+    def _encode(self, pixel_values, rope, packed, order) -> torch.Tensor:
+        """Patch embedding (first stage) and this stage's layers: [S, 1, hidden] (S / tp with SP)."""
+        hidden = None
+        if self.pre_process:
+            hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+            if order is not None:
+                hidden = hidden[order.to(hidden.device)]
+            hidden = hidden.unsqueeze(1)  # [S, h] -> [S, b=1, h], megatron's layout
+            if self.config.sequence_parallel:
+                hidden = scatter_to_sequence_parallel_region(hidden, group=self.pg_collection.tp)
+        return self.decoder(hidden, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
