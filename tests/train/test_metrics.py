@@ -74,3 +74,21 @@ def test_logger_writes_stdout_jsonl_and_tensorboard(tmp_path, caplog):
 def test_disabled_logger_writes_nothing(tmp_path):
     MetricsLogger(str(tmp_path), enabled=False).log(1, {"loss": 1.0})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_of_a_stage2_run_shows_answer_metrics_and_example_answers(tmp_path, capsys):
+    vlm = {"answer_loss": 6.9, "answer_tokens": 300, "samples": 64, "text_to_box_acc50": 0.0,
+           "text_to_box_miou": 0.01, "box_to_text_exact": 0.0, "box_to_text_f1": 0.1, "caption_f1": 0.2}
+    done = dict(vlm, answer_loss=0.5, text_to_box_acc50=0.75, box_to_text_f1=0.9)
+    _write(tmp_path, [{"kind": "eval", "step": 0, **vlm}, _train(10, 2.0), {"kind": "eval", "step": 10, **done}])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "answers_step000010.jsonl").write_text(json.dumps(
+        {"task": "text_to_box", "question": 'Locate "a red circle".', "reference": "[0, 0, 9, 9]",
+         "answer": "[0, 0, 9, 8]"}) + "\n")
+    assert report(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    # answer loss, grounding (no OCR questions: "-"), reading: first and last evaluation
+    assert rows[:4] == [["0", "6.900"], ["10", "0.500"], ["0", "0.000", "0.010", "-", "-"],
+                        ["10", "0.750", "0.010", "-", "-"]]
+    assert "answer: '[0, 0, 9, 8]'   reference: '[0, 0, 9, 9]'" in out

@@ -91,7 +91,7 @@ class PixelMeanTask:
     def enter_phase(self, phase, chunks, optimizer, state) -> None:
         state.task.setdefault("phases_entered", []).append(phase.index)
 
-    def evaluate(self, chunks, pg, phase):
+    def evaluate(self, chunks, pg, phase, step=None):
         return None
 
     def extra_metrics(self, chunks) -> dict:

@@ -16,6 +16,7 @@ OCR: exact match and token F1 (lower-cased words); caption: token F1.
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -110,6 +111,14 @@ def generate_row(task, chunks: list, pg, row: list[Question], max_new: int, vit_
                 q.answer.append(int(t))
 
 
+def _last_question(tokenizer, prompt: list[int]) -> str:
+    """The text of the prompt's last user turn (what was asked), without its image block: the
+    prompt ends `<|im_start|>user ... <|im_end|> <|im_start|>assistant`."""
+    starts = [i for i, t in enumerate(prompt) if t == tokenizer.ids["im_start"]]
+    turn = tokenizer.decode(prompt[starts[-2] + 1:starts[-1]]) if len(starts) > 1 else ""
+    return turn.strip().removeprefix("user").strip()
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -142,8 +151,10 @@ def score(q: Question, text: str) -> dict[str, float]:
     return {f"{q.task}_f1": token_f1(text, q.reference)}
 
 
-def generation_scores(task, chunks: list, pg, batches, max_new: int, vit_tokens: int) -> tuple[dict, dict]:
-    """(metric sums, metric counts) of this replica's questions from `batches`."""
+def generation_scores(task, chunks: list, pg, batches, max_new: int, vit_tokens: int,
+                      examples: Optional[list] = None, per_task: int = 4) -> tuple[dict, dict]:
+    """(metric sums, metric counts) of this replica's questions from `batches`; the first
+    `per_task` questions of each task go to `examples` as {task, question, reference, answer}."""
     sums, counts = defaultdict(float), defaultdict(int)
     end_id = task.tokenizer.ids["im_end"]
     for batch in batches:
@@ -152,7 +163,11 @@ def generation_scores(task, chunks: list, pg, batches, max_new: int, vit_tokens:
             generate_row(task, chunks, pg, row, max_new, vit_tokens)
             for q in row:
                 ids = q.answer[:q.answer.index(end_id)] if end_id in q.answer else q.answer
-                for k, v in score(q, task.tokenizer.decode(ids)).items():
+                text = task.tokenizer.decode(ids)
+                for k, v in score(q, text).items():
                     sums[k] += v
                     counts[k] += 1
+                if examples is not None and sum(e["task"] == q.task for e in examples) < per_task:
+                    examples.append({"task": q.task, "question": _last_question(task.tokenizer, q.prompt),
+                                     "reference": q.reference, "answer": text})
     return sums, counts

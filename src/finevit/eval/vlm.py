@@ -8,6 +8,8 @@ end, so every value is a mean over all held-out answers whatever the layout.
 """
 
 import dataclasses
+import json
+import os
 from functools import partial
 from typing import Optional
 
@@ -34,9 +36,10 @@ def _batches(loader, quota: Optional[int]):
 
 
 @torch.no_grad()
-def evaluate_vlm(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
+def evaluate_vlm(cfg, task, chunks: list, pg, phase=None, answers_to: Optional[str] = None) -> Optional[dict]:
     """{"answer_loss", "answer_tokens", "samples", <task>_<metric>...} on last-stage ranks, None
-    elsewhere. Collective over all ranks."""
+    elsewhere. Collective over all ranks. `answers_to`: a JSON-lines file that receives a few
+    generated answers per task beside their references (written by the first reporting rank)."""
     # No bad-sample budget: a rank stopping alone would leave its peers in a collective.
     data = dataclasses.replace(cfg.data, corpora=list(cfg.eval.corpora),
                                bad_samples=BadSampleConfig(max_fraction=1.0, first=0))
@@ -53,10 +56,13 @@ def evaluate_vlm(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
             images += batch.num_images
             forward_backward(chunks, [task.inputs(batch)], partial(task.forward, collect=losses), pg,
                              seq_length=task.seq_length, forward_only=True)
+        examples: list = []
         sums, counts = ({}, {}) if not cfg.eval.max_new_tokens else generation_scores(
-            task, chunks, pg, batches, cfg.eval.max_new_tokens, cfg.data.max_tokens)
+            task, chunks, pg, batches, cfg.eval.max_new_tokens, cfg.data.max_tokens, examples)
     if pg.pp.rank() != pg.pp.size() - 1:
         return None
+    if answers_to and examples and pg.dp.rank() == 0 and pg.tp.rank() == 0:
+        _write_answers(answers_to, examples)
     device = collective_device()
     totals = torch.tensor([sum(s for s, _ in losses), sum(n for _, n in losses), images]
                           + [sums.get(m, 0.0) for m in METRICS] + [counts.get(m, 0) for m in METRICS],
@@ -68,3 +74,10 @@ def evaluate_vlm(cfg, task, chunks: list, pg, phase=None) -> Optional[dict]:
     metric_sums, metric_counts = values[3:3 + len(METRICS)], values[3 + len(METRICS):]
     out.update({m: s / n for m, s, n in zip(METRICS, metric_sums, metric_counts) if n})
     return out
+
+
+def _write_answers(path: str, examples: list) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")

@@ -117,7 +117,30 @@ def report(run_dir: str) -> int:
         print(f"zero-shot classification '{name}' ({evals[-1].get(name + '_images')} images, "
               f"chance top-1 {evals[-1].get(name + '_chance', 0):.3f}):")
         _table(shown, (f"{name}_top1", f"{name}_top5"))
+    if evals and "answer_loss" in evals[-1]:
+        _report_vlm(run_dir, shown)
     return 0
+
+
+# Stage 2's generated-answer metrics, by FineCap task (eval/vlm.py).
+VLM_TABLES = (("grounding (greedy box answers: share with IoU >= 0.5, mean IoU)",
+               ("text_to_box_acc50", "text_to_box_miou", "ocr_to_box_acc50", "ocr_to_box_miou")),
+              ("region and page reading (greedy answers: exact match, token F1)",
+               ("box_to_text_exact", "box_to_text_f1", "box_to_ocr_exact", "box_to_ocr_f1", "caption_f1")))
+
+
+def _report_vlm(run_dir: str, shown: list) -> None:
+    last = shown[-1]
+    print(f"held-out answers ({last.get('samples')} samples, {last.get('answer_tokens')} answer tokens):")
+    _table(shown, ("answer_loss",))
+    for title, keys in VLM_TABLES:
+        print(title + ":")
+        _table(shown, keys)
+    answers = os.path.join(run_dir, "eval", f"answers_step{last['step']:06d}.jsonl")
+    if os.path.exists(answers):
+        print(f"examples at step {last['step']} ({answers}):")
+        for e in read_rows(answers):
+            print(f"  [{e['task']}] {e['question']}\n      answer: {e['answer']!r}   reference: {e['reference']!r}")
 
 
 def read_rows(path: str) -> list[dict]:

@@ -154,7 +154,7 @@ class Stage1Task:
         text = text_train_flops(m.text, batch.num_images, self.text_len, m.contrastive.embed_dim)
         return batch.num_images, batch.num_tokens, batch.max_tokens, encoder_train_flops(m.vision, batch.grid_thw) + text
 
-    def evaluate(self, chunks: list, pg, phase: ResolvedPhase) -> Optional[dict]:
+    def evaluate(self, chunks: list, pg, phase: ResolvedPhase, step: Optional[int] = None) -> Optional[dict]:
         """Zero-shot retrieval and classification on eval.corpora."""
         return evaluate(self.cfg, self, chunks, pg, phase)
 

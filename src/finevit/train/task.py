@@ -72,8 +72,8 @@ class Task(Protocol):
     def enter_phase(self, phase, chunks: list, optimizer, state) -> None:
         """What a phase changes in the model (the loop has applied its data settings and freezing)."""
 
-    def evaluate(self, chunks: list, pg, phase) -> Optional[dict]:
-        """Held-out metrics (on the reporting ranks; None elsewhere). Collective."""
+    def evaluate(self, chunks: list, pg, phase, step: Optional[int] = None) -> Optional[dict]:
+        """Held-out metrics (on the reporting ranks; None elsewhere) at training step `step`. Collective."""
 
     def extra_metrics(self, chunks: list) -> dict:
         """Values logged with each training report (e.g. a loss temperature)."""

@@ -337,7 +337,7 @@ class Trainer:
         self._saved_step = self.state.step
 
     def evaluate(self) -> Optional[dict]:
-        result = self.task.evaluate(self.ddp, self.pg, self.phases[self.state.phase])
+        result = self.task.evaluate(self.ddp, self.pg, self.phases[self.state.phase], step=self.state.step)
         if result is not None:
             self.metrics.log(self.state.step, result, prefix="eval")
         return result
