@@ -10,6 +10,12 @@ from finevit.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, as_qwen2_tokenize
 # Fast tokenizers warn (and turn their threads off) when a DataLoader forks after a first use.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Qwen2's pre-tokenizer split (its tokenizer.json): words with an optional leading non-letter,
+# single digits, punctuation runs, newlines and spaces.
+QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 class TokenizerError(ValueError):
     """A tokenizer directory that cannot serve stage 2; one sentence."""
 
@@ -67,11 +73,16 @@ def check_llm_tokenizer(path: str, vocab_size: int, key: str = "data.llm.tokeniz
 def train_llm_tokenizer(texts: Iterable[str], out: str, vocab_size: int = 1024,
                         min_frequency: int = 2) -> str:
     """Train a byte-level BPE on `texts` (the demo's captions and region texts) and save it to
-    `out` as a Hugging Face tokenizer directory with Qwen's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    `out` as a Hugging Face tokenizer directory with Qwen's special tokens, pre-tokenizer and chat
+    template. Qwen's pre-tokenizer matters for boxes: every digit is its own token, so a
+    coordinate is spelled the same way wherever it appears (a plain byte-level BPE merges "14" +
+    "1" here and " 363" there, and a small LLM then learns each number's spelling separately)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     specials = list(SPECIAL_TOKENS.values())
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
