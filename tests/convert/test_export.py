@@ -72,6 +72,40 @@ def test_an_exported_stage1_run_embeds_as_finevit_does_without_finevit(run_dir, 
     loss = model.loss
     expected = loss.logit_scale.exp() * images @ texts.T + loss.logit_bias
     torch.testing.assert_close(theirs["logits"], expected.detach(), atol=1e-3, rtol=1e-4)
+    _round_trip_stage1(model, cfg, out)
+
+
+def _round_trip_stage1(model, cfg, out):
+    """finevit -> HF -> finevit is exact: stage 2 starts its encoder from the exported vision/
+    (model.vision.init_from) and stage 1 its text tower from text/ (model.text.init_from)."""
+    import dataclasses
+
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from finevit.config import ModelConfig, ParallelConfig
+    from finevit.convert.siglip_text import check_hf_text_dir, load_hf_text, read_hf_text_dir
+    from finevit.models.siglip import build_siglip
+    from finevit.models.vlm import build_vlm
+    from finevit.train.stage2_init import load_vision, vision_source_problems
+    from tiny_llm import TINY
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    vision = dataclasses.replace(cfg.model.vision, init_from=str(out / "vision"), merger=True,
+                                 out_hidden_size=TINY.hidden_size)
+    assert vision_source_problems(vision, TINY.hidden_size) == []
+    assert "a merger here, none there" in vision_source_problems(
+        dataclasses.replace(vision, init_projector=True), TINY.hidden_size)[0]
+    vlm = build_vlm(ModelConfig(vision=vision, llm=TINY), ParallelConfig(), pg, dtype="fp32", use_te=False)
+    load_vision([vlm], vision, 0, 1)
+    theirs = dict(vlm.vision.named_parameters())
+    for name, p in model.vision.named_parameters():
+        assert torch.equal(theirs[name], p), name
+    check_hf_text_dir(str(out / "text"), cfg.model.text, cfg.model.contrastive.embed_dim)
+    (fresh,) = build_siglip(cfg.model, ParallelConfig(), pg, dtype="fp32", use_te=False)
+    load_hf_text(fresh.text, read_hf_text_dir(str(out / "text")))
+    theirs = dict(fresh.text.named_parameters())
+    for name, p in model.text.named_parameters():
+        assert torch.equal(theirs[name], p), name
 
 
 def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path, capsys):
@@ -154,3 +188,27 @@ def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_doe
     generated = theirs["generated"].tolist()
     expected = question.answer[:question.answer.index(end) + 1] if end in question.answer else question.answer
     assert generated[:len(expected)] == expected and len(expected) > 0
+    _round_trip_stage2(model, saved, out, pg)
+
+
+def _round_trip_stage2(model, cfg, out, pg):
+    """finevit -> HF -> finevit is exact: a VLM whose encoder, projector and LLM start from the
+    exported directory (model.vision.init_from + init_projector, model.llm.init_from) is the run's."""
+    import dataclasses
+
+    from finevit.config import ParallelConfig
+    from finevit.convert.qwen2 import check_hf_llm_dir
+    from finevit.models.vlm import build_vlm
+    from finevit.train.stage2_init import load_llm, load_vision, vision_source_problems
+
+    vision = dataclasses.replace(cfg.model.vision, init_from=str(out), init_projector=True)
+    llm = dataclasses.replace(cfg.model.llm, init_from=str(out))
+    assert vision_source_problems(vision, llm.hidden_size) == []
+    check_hf_llm_dir(str(out), llm)
+    again = build_vlm(dataclasses.replace(cfg.model, vision=vision, llm=llm), ParallelConfig(), pg,
+                      dtype="fp32", use_te=False)
+    load_vision([again], vision, 0, 1)
+    load_llm([again], llm, 0, 1)
+    theirs = dict(again.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(theirs[name], p), name

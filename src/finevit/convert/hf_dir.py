@@ -10,9 +10,7 @@ import torch
 from finevit.convert.qwen2_5_vl import ConversionError
 
 
-def read_safetensors_dir(path: str, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
+def _shards(path: str, keep: Callable[[str], bool]) -> list[Path]:
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -23,6 +21,25 @@ def read_safetensors_dir(path: str, keep: Callable[[str], bool] = lambda key: Tr
     if missing:
         raise ConversionError(f"{path} lacks its safetensors weights ({', '.join(missing)}); save the model "
                               "with save_pretrained(safe_serialization=True).")
+    return [root / f for f in files]
+
+
+def safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a directory's weights, read from the file headers only."""
+    from safetensors import safe_open
+
+    keys = []
+    for f in _shards(path, lambda key: True):
+        with safe_open(str(f), framework="pt") as shard:
+            keys += list(shard.keys())
+    return keys
+
+
+def read_safetensors_dir(path: str, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    root = Path(path)
+    files = [f.name for f in _shards(path, keep)]
     state = {}
     for f in files:
         with safe_open(str(root / f), framework="pt") as shard:

@@ -72,16 +72,29 @@ _MATCHED = ("family", "vocab_size", "num_layers", "hidden_size", "num_heads", "n
             "ffn_hidden_size", "norm_eps", "rope_theta", "tie_embeddings")
 
 
+def vlm_text_config(hf: Mapping[str, Any]):
+    """The LLM's config.json fields of a Qwen2.5-VL directory (its text_config, or the top level
+    in older files) as a Qwen2 config; None for any other directory."""
+    if hf.get("model_type") != "qwen2_5_vl":
+        return None
+    text = dict(hf.get("text_config") or hf)
+    text["model_type"] = "qwen2"
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    return text
+
+
 def check_hf_llm_dir(path: str, llm: LLMConfig, key: str = "model.llm.init_from") -> None:
     """ConversionError (one sentence naming every difference) unless `path` holds a HF causal LM
-    of the Qwen2 / Qwen3 family whose shape is `llm`'s."""
+    of the Qwen2 / Qwen3 family, or a Qwen2.5-VL model (its LLM), whose shape is `llm`'s."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{key}={path} has no config.json: name a Hugging Face Qwen2 / Qwen2.5 / "
                               "Qwen3 model directory (as save_pretrained writes it).")
     hf = json.loads(config_file.read_text())
     archs = hf.get("architectures") or []
-    if not any(a in ARCHITECTURES for a in archs):
+    if vlm_text_config(hf) is not None:
+        hf = vlm_text_config(hf)
+    elif not any(a in ARCHITECTURES for a in archs):
         raise ConversionError(f"{key}={path} holds {', '.join(archs) or hf.get('model_type')}, not a "
                               f"Qwen2 / Qwen2.5 / Qwen3 causal LM ({' or '.join(ARCHITECTURES)}).")
     theirs = llm_config_from_hf(hf)
@@ -160,9 +173,15 @@ def canonical_to_hf(state: Mapping[str, torch.Tensor], llm: LLMConfig) -> dict[s
 
 
 def read_hf_llm_dir(path: str) -> dict[str, torch.Tensor]:
+    """A causal LM directory's tensors; of a Qwen2.5-VL directory, its LLM's under the causal LM's
+    names ("model.*", "lm_head.weight")."""
     from finevit.convert.hf_dir import read_safetensors_dir
 
-    return read_safetensors_dir(path)
+    if vlm_text_config(json.loads((Path(path) / "config.json").read_text())) is None:
+        return read_safetensors_dir(path)
+    state = read_safetensors_dir(path, lambda k: "visual." not in k)
+    # files keep the LLM at "model.*"; newer in-memory names nest it as "model.language_model.*"
+    return {k.replace("model.language_model.", "model.", 1): v for k, v in state.items()}
 
 
 @torch.no_grad()

@@ -273,14 +273,17 @@ def resample_temporal(kernel: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def hf_to_canonical(hf_state: Mapping[str, torch.Tensor], vision: VisionConfig,
-                    hf_temporal_patch_size: int = 2) -> dict[str, torch.Tensor]:
+                    hf_temporal_patch_size: int = 2, merger: bool = True) -> dict[str, torch.Tensor]:
     """HF vision tower state dict -> our canonical one (see the module docstring).
+    merger=False: a tower saved without its merger (an exported stage-1 encoder).
 
     Tensors keep their dtype; renamed ones may share storage with `hf_state`.
     """
     _require_hf_compatible(vision)
-    check_state_dict(hf_state, hf_shapes(vision, hf_temporal_patch_size),
-                     "Hugging Face Qwen2.5-VL vision")
+    expected = hf_shapes(vision, hf_temporal_patch_size)
+    if not merger:
+        expected = {k: s for k, s in expected.items() if not k.startswith("merger.")}
+    check_state_dict(hf_state, expected, "Hugging Face Qwen2.5-VL vision")
     kernel = resample_temporal(hf_state["patch_embed.proj.weight"], vision.temporal_patch_size)
     # [h, C, T, P, P] -> [h, C*T*P*P]
     out = {"patch_embed.weight": kernel.reshape(vision.hidden_size, -1)}
@@ -292,8 +295,9 @@ def hf_to_canonical(hf_state: Mapping[str, torch.Tensor], vision: VisionConfig,
                 hf_state[src + f"attn.qkv.{p}"], vision.num_heads)
             out[dst + f"mlp.linear_fc1.{p}"] = torch.cat(
                 [hf_state[src + f"mlp.gate_proj.{p}"], hf_state[src + f"mlp.up_proj.{p}"]])
-    out.update({ours: hf_state[theirs] for ours, theirs in _MERGER_RENAMES.items()})
-    return {k: out[k] for k in canonical_shapes(vision)}  # in the order our model saves
+    if merger:
+        out.update({ours: hf_state[theirs] for ours, theirs in _MERGER_RENAMES.items()})
+    return {k: out[k] for k in canonical_shapes(vision) if k in out}  # in the order our model saves
 
 
 def canonical_to_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig,

@@ -94,7 +94,8 @@ def text_config_from_hf(hf_config: Any, max_positions: Optional[int] = None) -> 
     text = TextConfig(
         vocab_size=cfg.vocab_size, max_positions=positions, num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.intermediate_size, norm_eps=cfg.layer_norm_eps, pooling="last",
+        ffn_hidden_size=cfg.intermediate_size, norm_eps=cfg.layer_norm_eps,
+        pooling=getattr(cfg, "finevit_pooling", "last"),  # "eos": a tower finevit trained and exported
         pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     return text, cfg.projection_size
 
@@ -108,7 +109,10 @@ def hf_config_from_text(text: TextConfig, embed_dim: int, siglip2: bool = False,
 
     if text.pooling != "last" and not (eos_as_last and text.pooling == "eos"):
         raise ConversionError(f"pooling={text.pooling!r} has no SigLIP equivalent (SigLIP: 'last').")
-    return (Siglip2TextConfig if siglip2 else SiglipTextConfig)(
+    # An "eos" tower says so in its config.json (HF ignores the key), so that model.text.init_from
+    # takes it back as the tower it was.
+    marker = {"finevit_pooling": "eos"} if text.pooling == "eos" else {}
+    return (Siglip2TextConfig if siglip2 else SiglipTextConfig)(**marker,
         vocab_size=text.vocab_size, hidden_size=text.hidden_size,
         intermediate_size=text.ffn_hidden_size, num_hidden_layers=text.num_layers,
         num_attention_heads=text.num_heads, max_position_embeddings=hf_positions or text.max_positions,

@@ -1,9 +1,11 @@
-"""Where stage 2's towers start: the encoder from a stage-1 run or a Hugging Face Qwen2.5-VL
-directory (model.vision.init_from), the LLM from a Hugging Face Qwen2 / Qwen3 directory
+"""Where stage 2's towers start: the encoder from a stage-1 run, a Hugging Face Qwen2.5-VL
+directory or a bare Qwen2.5-VL vision tower directory such as an exported stage-1 run's vision/
+(model.vision.init_from), the LLM from a Hugging Face Qwen2 / Qwen3 directory
 (model.llm.init_from). Checked before anything is built (one sentence per difference); loaded
 into any TP / PP layout.
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,7 +19,7 @@ from finevit.checkpointing.dist import load_module_weights
 from finevit.config import VisionConfig
 from finevit.config.load import section_from_dict
 from finevit.convert import qwen2_5_vl
-from finevit.convert.hf_dir import read_safetensors_dir
+from finevit.convert.hf_dir import read_safetensors_dir, safetensors_keys
 from finevit.convert.qwen2 import load_hf_llm, read_hf_llm_dir
 from finevit.parallel.shards import load_full_state
 
@@ -39,15 +41,30 @@ def _differences(ours: VisionConfig, theirs: VisionConfig, fields=ENCODER_FIELDS
             if getattr(ours, k) != getattr(theirs, k)]
 
 
+def is_vision_tower_dir(path: str) -> bool:
+    """A bare Qwen2.5-VL vision tower (`Qwen2_5_VisionTransformerPretrainedModel.save_pretrained`,
+    e.g. the vision/ directory of an exported stage-1 run): its weights carry no "visual." prefix."""
+    hf = json.loads((Path(path) / "config.json").read_text())
+    return "vision_config" not in hf and VISION_TOWER in (hf.get("architectures") or [])
+
+
+VISION_TOWER = "Qwen2_5_VisionTransformerPretrainedModel"
+
+
 def source_vision(path: str) -> VisionConfig:
-    """The encoder config stored with a stage-1 checkpoint or a Qwen2.5-VL directory (CheckpointError /
-    ConversionError with one sentence when it is neither)."""
+    """The encoder config stored with a stage-1 checkpoint, a Qwen2.5-VL directory or a bare
+    Qwen2.5-VL vision tower directory (CheckpointError / ConversionError with one sentence when it
+    is none of them). A tower saved without its merger says so (merger=False)."""
     if is_hf_dir(path):
         hf = json.loads((Path(path) / "config.json").read_text())
+        if is_vision_tower_dir(path):
+            vision = qwen2_5_vl.vision_config_from_hf(hf)
+            has_merger = any(k.startswith("merger.") for k in safetensors_keys(path))
+            return vision if has_merger else dataclasses.replace(vision, merger=False)
         if "vision_config" not in hf:
             raise qwen2_5_vl.ConversionError(
                 f"{KEY}={path} holds {', '.join(hf.get('architectures') or [hf.get('model_type', '?')])}, "
-                "not a Qwen2.5-VL model (no vision_config) nor a finevit stage-1 run")
+                f"not a Qwen2.5-VL model or vision tower ({VISION_TOWER}) nor a finevit stage-1 run")
         return qwen2_5_vl.vision_config_from_hf(hf)
     step = files.resolve(path, KEY)
     files.verify_loadable(step)
@@ -88,13 +105,16 @@ def load_vision(chunks: list, vision: VisionConfig, tp_rank: int, tp_size: int) 
         for module in modules or [None]:
             load_module_weights(step, module, "vision.", exclude=() if keep_merger else ("merger.",))
         return
-    tower = qwen2_5_vl.vision_tower_state(read_safetensors_dir(path, lambda k: "visual." in k))
+    if is_vision_tower_dir(path):
+        tower = read_safetensors_dir(path)
+    else:
+        tower = qwen2_5_vl.vision_tower_state(read_safetensors_dir(path, lambda k: "visual." in k))
     hf_vision = source_vision(path)
-    canonical = qwen2_5_vl.hf_to_canonical(tower, _reading_config(vision, hf_vision))
+    canonical = qwen2_5_vl.hf_to_canonical(tower, _reading_config(vision, hf_vision), merger=hf_vision.merger)
     if any(n.endswith("layer_norm_weight") for m in modules for n, _ in m.named_parameters()):
         canonical = qwen2_5_vl.local_to_te(canonical)
     for module in modules:
-        skip = () if keep_merger else ("merger.",)
+        skip = () if keep_merger and hf_vision.merger else ("merger.",)
         load_full_state([module], canonical, tp_rank, tp_size, skip=skip)
     log.info("encoder%s initialised from %s", " and projector" if keep_merger else "", path)
 
@@ -102,8 +122,6 @@ def load_vision(chunks: list, vision: VisionConfig, tp_rank: int, tp_size: int) 
 def _reading_config(vision: VisionConfig, hf_vision: VisionConfig) -> VisionConfig:
     """Our encoder config with the directory's merger width (for reading its tensors; a merger
     that does not fit is not loaded)."""
-    import dataclasses
-
     return dataclasses.replace(vision, out_hidden_size=hf_vision.out_hidden_size, merger=True)
 
 
