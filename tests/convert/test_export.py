@@ -212,3 +212,52 @@ def _round_trip_stage2(model, cfg, out, pg):
     theirs = dict(again.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(theirs[name], p), name
+
+
+def test_a_qwen3_stage2_run_exports_as_a_vision_tower_and_a_causal_lm(dist, stage2_corpus, tmp_path):
+    """No Hugging Face class pairs a Qwen3 LLM with this encoder: the export is vision/ (encoder +
+    projector) and llm/ (Qwen3ForCausalLM + tokenizer), loaded without finevit, equal to finevit's
+    projector rows and text logits within 1e-4; the model card says how they fit together."""
+    from safetensors.torch import load_file, save_file
+
+    from finevit.checkpointing.files import read_state
+    from finevit.config.load import config_from_yaml
+    from finevit.convert.export import load_stage2, source_checkpoint
+    from finevit.models.llm.packing import segments, text_positions
+    from finevit.train.stage2 import Stage2Task
+    from finevit.train.trainer import Trainer
+    from tiny_stage2 import tiny_config
+
+    cfg = tiny_config(*map(str, stage2_corpus), tmp_path / "run", **{
+        "schedule.stop_after_steps": 2, "model.llm.family": "qwen3", "model.llm.head_dim": 24,
+        "model.llm.mrope_section": "[4, 4, 4]"})
+    trainer = Trainer(cfg, Stage2Task(cfg)).setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = tmp_path / "export"
+    proc = convert(f"RUN={tmp_path / 'run'}", f"OUT={out}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Qwen3ForCausalLM" in (out / "README.md").read_text() and "M-RoPE" in (out / "README.md").read_text()
+
+    step = source_checkpoint(str(tmp_path / "run"))
+    saved = config_from_yaml(read_state(step)["common"]["config"])
+    model, _ = load_stage2(saved, step)
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), saved.model.vision.patch_dim, generator=g)
+    ids = torch.randint(0, 300, (9,), generator=g)
+    params = segments([len(ids)], len(ids))
+    with torch.no_grad():
+        images = model.vision(pixels, grid)
+        logits = model(pixels, grid, ids[None], torch.zeros_like(ids, dtype=torch.bool), text_positions(params), params)
+    inputs, result = tmp_path / "inputs.safetensors", tmp_path / "hf.safetensors"
+    save_file({"pixel_values": pixels, "grid_thw": grid, "input_ids": ids}, str(inputs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    hf = subprocess.run([sys.executable, str(HERE / "hf_parts_forward.py"), str(out), str(inputs), str(result)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    theirs = load_file(str(result))
+    torch.testing.assert_close(theirs["images"], images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs["logits"], logits, atol=1e-4, rtol=1e-4)

@@ -1,8 +1,9 @@
 """A trained run -> Hugging Face directories that load with no custom code (`finevit convert`,
 `make convert-checkpoint`).
 
-Stage 2 writes a `Qwen2_5_VLForConditionalGeneration` directory (Qwen2 / Qwen2.5 LLMs; HF has no
-class pairing a Qwen3 LLM with this encoder) with its processor and tokenizer files.
+Stage 2 writes a `Qwen2_5_VLForConditionalGeneration` directory (Qwen2 / Qwen2.5 LLMs) with its
+processor and tokenizer files; a Qwen3 LLM, which no HF class pairs with this encoder, becomes
+vision/ (encoder + projector as a Qwen2.5-VL vision tower) and llm/ (a `Qwen3ForCausalLM`).
 
 Stage 1 writes, under OUT:
     vision/      the encoder as a Qwen2.5-VL vision tower (`Qwen2_5_VisionTransformerPretrainedModel`,
@@ -149,24 +150,35 @@ def hf_vlm_config(cfg: Config, ids: dict):
     return config, vision
 
 
+def _run_tokenizer(cfg: Config):
+    """(the run's LLM tokenizer as a Qwen2 tokenizer with the chat template training rendered,
+    special token name -> id)."""
+    from transformers import AutoTokenizer, Qwen2TokenizerFast
+
+    from finevit.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, as_qwen2_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_tokenizer_dir(cfg))
+    if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
+        tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)
+    system = cfg.data.llm.system_prompt
+    tokenizer.chat_template = CHAT_TEMPLATE if not system else CHAT_TEMPLATE.replace(
+        "{% for message in messages %}",
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
+        "{% for message in messages %}", 1)
+    return tokenizer, {name: tokenizer.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
+
+
 def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
     """A Qwen2_5_VLForConditionalGeneration directory with its processor (the run's pixel budget,
-    a chat template rendering conversations as training did)."""
-    from transformers import (AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2TokenizerFast, Qwen2VLImageProcessor)
+    a chat template rendering conversations as training did); a Qwen3 LLM: write_stage2_parts."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from finevit.convert import qwen2, qwen2_5_vl
-    from finevit.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, as_qwen2_tokenizer
 
     if cfg.model.llm.family != "qwen2":
-        raise ExportError("a Qwen3 LLM has no Hugging Face VLM class to pair it with this encoder: only "
-                          "Qwen2 / Qwen2.5 stage-2 runs export yet")
-    tok_dir = llm_tokenizer_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    if not isinstance(tokenizer, Qwen2TokenizerFast):  # e.g. a tokenizer trained for the demo earlier
-        tokenizer = as_qwen2_tokenizer(tokenizer.backend_tokenizer)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
+        return write_stage2_parts(model, cfg, out, max_shard_size)
+    tokenizer, ids = _run_tokenizer(cfg)
     config, vision = hf_vlm_config(cfg, ids)
     hf = Qwen2_5_VLForConditionalGeneration(config).eval()
     hf.model.visual.load_state_dict(qwen2_5_vl.canonical_to_hf(_state(model.vision), vision), strict=True)
@@ -176,17 +188,47 @@ def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
     if "lm_head.weight" in text:
         hf.lm_head.weight.data.copy_(text["lm_head.weight"])
     hf.save_pretrained(out, max_shard_size=max_shard_size)
-    system = cfg.data.llm.system_prompt
-    template = CHAT_TEMPLATE if not system else CHAT_TEMPLATE.replace(
-        "{% for message in messages %}",
-        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
-        "{% for message in messages %}", 1)
-    tokenizer.chat_template = template
+    Qwen2_5_VLProcessor(image_processor=_image_processor(cfg), tokenizer=tokenizer,
+                        video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=tokenizer.chat_template).save_pretrained(out)
+
+
+def _image_processor(cfg: Config):
+    """Qwen2-VL's image processor with the run's pixel budget and patch layout."""
+    from transformers import Qwen2VLImageProcessor
+
     m = cfg.model.vision
-    images = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                   patch_size=m.patch_size, merge_size=m.spatial_merge_size, temporal_patch_size=2)
-    Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                        chat_template=template).save_pretrained(out)
+    return Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                                 patch_size=m.patch_size, merge_size=m.spatial_merge_size, temporal_patch_size=2)
+
+
+def write_stage2_parts(model, cfg: Config, out: Path, max_shard_size: str) -> None:
+    """A stage-2 run whose LLM no Hugging Face VLM class pairs with this encoder (Qwen3):
+    vision/ (the encoder and its merger, the projector, as a Qwen2.5-VL vision tower whose output
+    has the LLM's width, with the image processor) and llm/ (a Qwen3ForCausalLM with the run's
+    tokenizer and chat template)."""
+    import dataclasses
+
+    import transformers
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from finevit.convert import qwen2, qwen2_5_vl
+
+    llm = cfg.model.llm
+    vision = dataclasses.replace(cfg.model.vision, merger=True, out_hidden_size=llm.hidden_size)
+    tower = qwen2_5_vl.canonical_to_hf(_state(model.vision), vision)
+    Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision)).save_pretrained(
+        out / "vision", max_shard_size=max_shard_size, state_dict=tower)
+    _image_processor(cfg).save_pretrained(out / "vision")
+    hf_cfg = qwen2.hf_config_from_llm(llm)
+    arch = hf_cfg.pop("architectures")[0]
+    lm = getattr(transformers, arch)(transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg))
+    missing, unexpected = lm.load_state_dict(qwen2.canonical_to_hf(_state(model.llm), llm), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if llm.tie_embeddings else set()):
+        raise ExportError(f"the LLM does not map onto {arch}: missing {missing}, unexpected {unexpected}")
+    lm.save_pretrained(out / "llm", max_shard_size=max_shard_size)
+    tokenizer, _ = _run_tokenizer(cfg)
+    tokenizer.save_pretrained(out / "llm")
 
 
 CARD = """# {name}
@@ -217,6 +259,19 @@ Text embedding: `SiglipTextModel(ids).pooler_output` -> L2 norm. A pair's logit:
 """
 
 
+STAGE2_PARTS_BODY = """Transformers has no class pairing a {family} LLM with this encoder, so the model is two
+directories: `vision/` (the encoder with its 2x2-merge projector, a
+`Qwen2_5_VisionTransformerPretrainedModel` whose output rows are LLM embeddings, and the image
+processor with the run's pixel budget) and `llm/` (a `{arch}`, with the run's tokenizer and chat
+template). A prompt's image block is `<|vision_start|>`, one `<|image_pad|>` per row of the
+vision output, `<|vision_end|>`; those rows replace the `<|image_pad|>` embeddings. The LLM was
+trained with Qwen2-VL's 3-D rotary positions (M-RoPE, sections {mrope}) on image tokens: a plain
+`{arch}` applies 1-D positions, which equal M-RoPE's on text without images, so a VLM built from
+these parts must compute M-RoPE's positions (Qwen2-VL's `get_rope_index`) to see images as
+training did. Boxes in answers are `[x0, y0, x1, y1]` ({boxes}).
+"""
+
+
 STAGE2_BODY = """A `Qwen2_5_VLForConditionalGeneration` (the FineViT encoder, its 2x2-merge projector and the
 LLM) with its processor: `AutoModelForImageTextToText.from_pretrained` and
 `AutoProcessor.from_pretrained` load it without `trust_remote_code`. The processor resizes images
@@ -230,7 +285,11 @@ def _card(cfg: Config, step_dir: Path, common: dict) -> str:
     if cfg.task == "stage2":
         boxes = ("pixels of the resized image" if cfg.data.llm.box_format == "absolute"
                  else "0..1000 of the image's width and height")
-        what, body = "vision-language model (stage 2)", STAGE2_BODY.format(boxes=boxes)
+        what = "vision-language model (stage 2)"
+        llm = cfg.model.llm
+        body = (STAGE2_BODY.format(boxes=boxes) if llm.family == "qwen2" else STAGE2_PARTS_BODY.format(
+            family=llm.family.capitalize(), arch=f"{llm.family.capitalize()}ForCausalLM", mrope=list(llm.mrope_section),
+            boxes=boxes))
     else:
         what, body = "stage-1 encoder and text tower", STAGE1_BODY
     return CARD.format(name=Path(cfg.logging.run_dir).name, what=what, source=step_dir, task=cfg.task,
