@@ -101,12 +101,14 @@ def write_stage1(model, cfg: Config, out: Path, max_shard_size: str) -> None:
     vision_cfg = cfg.model.vision
     tower = qwen2_5_vl.canonical_to_hf(_state(model.vision), vision_cfg, merger=False)
     # canonical_to_hf checked every name and shape; the model only carries the config to save
-    hf_vision = Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision_cfg))
+    with torch.device("meta"):  # weights come from the run: no random init, no second copy
+        hf_vision = Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision_cfg))
     hf_vision.save_pretrained(out / "vision", max_shard_size=max_shard_size,
                               state_dict=tower)  # the trained weights only: no merger
     text_cfg, embed = cfg.model.text, cfg.model.contrastive.embed_dim
-    hf_text = SiglipTextModel(siglip_text.hf_config_from_text(text_cfg, embed, eos_as_last=True))
-    hf_text.load_state_dict(siglip_text.text_tower_state(
+    with torch.device("meta"):
+        hf_text = SiglipTextModel(siglip_text.hf_config_from_text(text_cfg, embed, eos_as_last=True))
+    hf_text.load_state_dict(assign=True, state_dict=siglip_text.text_tower_state(
         siglip_text.canonical_to_hf(_state(model.text), text_cfg, embed)), strict=True)
     hf_text.save_pretrained(out / "text", max_shard_size=max_shard_size)
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
@@ -180,13 +182,15 @@ def write_stage2(model, cfg: Config, out: Path, max_shard_size: str) -> None:
         return write_stage2_parts(model, cfg, out, max_shard_size)
     tokenizer, ids = _run_tokenizer(cfg)
     config, vision = hf_vlm_config(cfg, ids)
-    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
-    hf.model.visual.load_state_dict(qwen2_5_vl.canonical_to_hf(_state(model.vision), vision), strict=True)
+    with torch.device("meta"):  # weights come from the run: no random init, no second copy
+        hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    hf.model.visual.load_state_dict(qwen2_5_vl.canonical_to_hf(_state(model.vision), vision), strict=True, assign=True)
     text = qwen2.canonical_to_hf(_state(model.llm), cfg.model.llm)
     hf.model.language_model.load_state_dict({k[len("model."):]: v for k, v in text.items() if k.startswith("model.")},
-                                            strict=True)
+                                            strict=True, assign=True)
     if "lm_head.weight" in text:
-        hf.lm_head.weight.data.copy_(text["lm_head.weight"])
+        hf.lm_head.weight = torch.nn.Parameter(text["lm_head.weight"])
+    hf.tie_weights()  # a tied head takes the assigned embedding
     hf.save_pretrained(out, max_shard_size=max_shard_size)
     Qwen2_5_VLProcessor(image_processor=_image_processor(cfg), tokenizer=tokenizer,
                         video_processor=Qwen2VLVideoProcessor(),
@@ -217,15 +221,18 @@ def write_stage2_parts(model, cfg: Config, out: Path, max_shard_size: str) -> No
     llm = cfg.model.llm
     vision = dataclasses.replace(cfg.model.vision, merger=True, out_hidden_size=llm.hidden_size)
     tower = qwen2_5_vl.canonical_to_hf(_state(model.vision), vision)
-    Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision)).save_pretrained(
-        out / "vision", max_shard_size=max_shard_size, state_dict=tower)
+    with torch.device("meta"):
+        hf_vision = Qwen2_5_VisionTransformerPretrainedModel(qwen2_5_vl.hf_config_from_vision(vision))
+    hf_vision.save_pretrained(out / "vision", max_shard_size=max_shard_size, state_dict=tower)
     _image_processor(cfg).save_pretrained(out / "vision")
     hf_cfg = qwen2.hf_config_from_llm(llm)
     arch = hf_cfg.pop("architectures")[0]
-    lm = getattr(transformers, arch)(transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg))
-    missing, unexpected = lm.load_state_dict(qwen2.canonical_to_hf(_state(model.llm), llm), strict=False)
+    with torch.device("meta"):
+        lm = getattr(transformers, arch)(transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg))
+    missing, unexpected = lm.load_state_dict(qwen2.canonical_to_hf(_state(model.llm), llm), strict=False, assign=True)
     if unexpected or set(missing) - ({"lm_head.weight"} if llm.tie_embeddings else set()):
         raise ExportError(f"the LLM does not map onto {arch}: missing {missing}, unexpected {unexpected}")
+    lm.tie_weights()
     lm.save_pretrained(out / "llm", max_shard_size=max_shard_size)
     tokenizer, _ = _run_tokenizer(cfg)
     tokenizer.save_pretrained(out / "llm")
