@@ -41,7 +41,7 @@ demo: install
 	test -f $(DEMO_DIR)/finecap/heldout/finevit_corpus.json || $(PY) data_tools/make_demo_corpus.py \
 		--out $(DEMO_DIR) --train 2000 --heldout 200 --schemas recaption classify finecap --overwrite --quiet
 	test -f $(DEMO_DIR)/caption.model || $(PY) data_tools/train_tokenizer.py $(DEMO_DIR)/recaption/train \
-		--vocab-size 512 --out $(DEMO_DIR)/caption.model --quiet
+		--model-type bpe --vocab-size 1024 --out $(DEMO_DIR)/caption.model --quiet
 	test -f $(DEMO_DIR)/llm_tokenizer/tokenizer.json || $(PY) data_tools/train_tokenizer.py \
 		$(DEMO_DIR)/finecap/train --kind llm --vocab-size 1024 --out $(DEMO_DIR)/llm_tokenizer --quiet
 	rm -rf $(DEMO_RUN) $(DEMO_RUN2)
