@@ -13,7 +13,6 @@ Example:  python bench/convert.py --layers 12 --width 768
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -67,6 +66,22 @@ def timed_copy(src: str, dst: str) -> float:
     return time.perf_counter() - t0
 
 
+def _peak_rss(child: subprocess.Popen) -> int:
+    """The child's peak resident bytes, polled from /proc (VmHWM) until it exits. Not rusage: a
+    forked child's maxrss starts at its parent's resident size and survives exec."""
+    peak = 0
+    while child.poll() is None:
+        try:
+            with open(f"/proc/{child.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            break
+        time.sleep(0.02)
+    return peak
+
+
 def timed_export(run: str, out: str) -> float:
     from finevit.convert.export import export_run
 
@@ -95,15 +110,18 @@ def main(argv=None) -> int:
         size = dir_bytes(os.path.join(work, "export"))
         copy_s = timed_copy(os.path.join(work, "export"), os.path.join(work, "copy"))
         t0 = time.perf_counter()
-        child = subprocess.run([sys.executable, "-m", "finevit.cli", "convert", run, "--out",
-                                os.path.join(work, "child"), "--overwrite"], capture_output=True, text=True,
-                               env={k: v for k, v in os.environ.items()  # its own one-process world
-                                    if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")})
+        log = open(os.path.join(work, "convert.log"), "w+")  # a file: a full pipe would stall the child
+        child = subprocess.Popen([sys.executable, "-m", "finevit.cli", "convert", run, "--out",
+                                  os.path.join(work, "child"), "--overwrite"],
+                                 stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                 env={k: v for k, v in os.environ.items()  # its own one-process world
+                                      if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")})
+        peak = _peak_rss(child)
         child_s = time.perf_counter() - t0
-        if child.returncode:
-            print(child.stderr[-2000:], file=sys.stderr)
+        if child.wait():
+            log.seek(0)
+            print(log.read()[-2000:], file=sys.stderr)
             return 1
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         mb = 1e6
         print(f"# export of a stage-1 run: encoder {args.layers} x {args.width}; checkpoint {ckpt / mb:.0f} MB, "
               f"export {size / mb:.0f} MB (fp32 safetensors)")
