@@ -98,8 +98,9 @@ def test_a_source_that_does_not_fit_is_one_sentence_before_anything_starts(dist,
     cases = {f"model.vision.init_from={source}": f"model.vision does not match the encoder in "
                                                  f"model.vision.init_from={source}: num_layers 3 here, 2 there",
              f"model.vision.init_from={tmp_path / 'qwen2'}": f"model.vision.init_from={tmp_path / 'qwen2'} holds "
-                                                             "Qwen2ForCausalLM, not a Qwen2.5-VL model (no "
-                                                             "vision_config) nor a finevit stage-1 run"}
+                                                             "Qwen2ForCausalLM, not a Qwen2.5-VL model or vision "
+                                                             "tower (Qwen2_5_VisionTransformerPretrainedModel) nor "
+                                                             "a finevit stage-1 run"}
     for override, expected in cases.items():
         caplog.clear()
         assert main.train(DEMO_CONFIG, args + [override, "model.vision.num_layers=3"]) == 2
