@@ -129,25 +129,17 @@ def test_what_cannot_be_exported_is_one_sentence(run_dir, tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "x" and not (tmp_path / "a").exists()  # nothing touched
 
 
-def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_does(
-        dist, stage2_corpus, tmp_path):
-    """The VLM directory: AutoModelForImageTextToText + AutoProcessor load it in a process without
-    finevit; on the processor's input, HF's logits equal finevit's within 1e-4 and HF's greedy
-    `generate` writes the tokens finevit's own greedy decoding (eval/generate.py) writes."""
-    from safetensors.torch import load_file
-
+def _exported_stage2_run(stage2_corpus, tmp_path, **overrides):
+    """A tiny stage-2 run of a few steps exported with the make target: (export dir, the run's
+    saved config, its model loaded back at TP=1 on new groups: the trainer's are gone)."""
     from finevit.checkpointing.files import read_state
     from finevit.config.load import config_from_yaml
     from finevit.convert.export import load_stage2, source_checkpoint
-    from finevit.data.demo import demo_scene, render
-    from finevit.eval.generate import Question, generate_row
-    from finevit.models.llm.packing import segments
-    from finevit.models.vlm import mrope_positions
     from finevit.train.stage2 import Stage2Task
-    from tiny_stage2 import tiny_config
     from finevit.train.trainer import Trainer
+    from tiny_stage2 import tiny_config
 
-    cfg = tiny_config(*map(str, stage2_corpus), tmp_path / "run", **{"schedule.stop_after_steps": 3})
+    cfg = tiny_config(*map(str, stage2_corpus), tmp_path / "run", **overrides)
     trainer = Trainer(cfg, Stage2Task(cfg)).setup()
     try:
         trainer.train()
@@ -156,7 +148,27 @@ def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_doe
     out = tmp_path / "export"
     proc = convert(f"RUN={tmp_path / 'run'}", f"OUT={out}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    step = source_checkpoint(str(tmp_path / "run"))
+    saved = config_from_yaml(read_state(step)["common"]["config"])
+    model, _ = load_stage2(saved, step)
+    return out, saved, model
 
+
+def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_does(
+        dist, stage2_corpus, tmp_path):
+    """The VLM directory: AutoModelForImageTextToText + AutoProcessor load it in a process without
+    finevit; on the processor's input, HF's logits equal finevit's within 1e-4 and HF's greedy
+    `generate` writes the tokens finevit's own greedy decoding (eval/generate.py) writes."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from safetensors.torch import load_file
+
+    from finevit.data.demo import demo_scene, render
+    from finevit.eval.generate import Question, generate_row
+    from finevit.models.llm.packing import segments
+    from finevit.models.vlm import mrope_positions
+    from finevit.train.stage2 import Stage2Task
+
+    out, saved, model = _exported_stage2_run(stage2_corpus, tmp_path, **{"schedule.stop_after_steps": 3})
     image = tmp_path / "scene.png"
     render(demo_scene(0, "finecap", "heldout", 3)).save(image)
     result = tmp_path / "hf.safetensors"
@@ -166,11 +178,6 @@ def test_an_exported_stage2_run_loads_in_transformers_and_answers_as_finevit_doe
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert hf.returncode == 0, hf.stderr[-3000:]
     theirs = load_file(str(result))
-
-    step = source_checkpoint(str(tmp_path / "run"))
-    saved = config_from_yaml(read_state(step)["common"]["config"])
-    model, _ = load_stage2(saved, step)  # on new groups: the trainer's are gone
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     task = Stage2Task(saved)
@@ -220,30 +227,12 @@ def test_a_qwen3_stage2_run_exports_as_a_vision_tower_and_a_causal_lm(dist, stag
     projector rows and text logits within 1e-4; the model card says how they fit together."""
     from safetensors.torch import load_file, save_file
 
-    from finevit.checkpointing.files import read_state
-    from finevit.config.load import config_from_yaml
-    from finevit.convert.export import load_stage2, source_checkpoint
     from finevit.models.llm.packing import segments, text_positions
-    from finevit.train.stage2 import Stage2Task
-    from finevit.train.trainer import Trainer
-    from tiny_stage2 import tiny_config
 
-    cfg = tiny_config(*map(str, stage2_corpus), tmp_path / "run", **{
+    out, saved, model = _exported_stage2_run(stage2_corpus, tmp_path, **{
         "schedule.stop_after_steps": 2, "model.llm.family": "qwen3", "model.llm.head_dim": 24,
         "model.llm.mrope_section": "[4, 4, 4]"})
-    trainer = Trainer(cfg, Stage2Task(cfg)).setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    out = tmp_path / "export"
-    proc = convert(f"RUN={tmp_path / 'run'}", f"OUT={out}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Qwen3ForCausalLM" in (out / "README.md").read_text() and "M-RoPE" in (out / "README.md").read_text()
-
-    step = source_checkpoint(str(tmp_path / "run"))
-    saved = config_from_yaml(read_state(step)["common"]["config"])
-    model, _ = load_stage2(saved, step)
     g = torch.Generator().manual_seed(0)
     grid = torch.tensor([[1, 4, 6], [1, 2, 2]])
     pixels = torch.randn(int(grid.prod(-1).sum()), saved.model.vision.patch_dim, generator=g)

@@ -38,10 +38,8 @@ def safetensors_keys(path: str) -> list[str]:
 def read_safetensors_dir(path: str, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    root = Path(path)
-    files = [f.name for f in _shards(path, keep)]
     state = {}
-    for f in files:
-        with safe_open(str(root / f), framework="pt") as shard:
+    for f in _shards(path, keep):
+        with safe_open(str(f), framework="pt") as shard:
             state.update({k: shard.get_tensor(k) for k in shard.keys() if keep(k)})
     return state

@@ -44,7 +44,10 @@ def _differences(ours: VisionConfig, theirs: VisionConfig, fields=ENCODER_FIELDS
 def is_vision_tower_dir(path: str) -> bool:
     """A bare Qwen2.5-VL vision tower (`Qwen2_5_VisionTransformerPretrainedModel.save_pretrained`,
     e.g. the vision/ directory of an exported stage-1 run): its weights carry no "visual." prefix."""
-    hf = json.loads((Path(path) / "config.json").read_text())
+    return _is_vision_tower(json.loads((Path(path) / "config.json").read_text()))
+
+
+def _is_vision_tower(hf: dict) -> bool:
     return "vision_config" not in hf and VISION_TOWER in (hf.get("architectures") or [])
 
 
@@ -57,7 +60,7 @@ def source_vision(path: str) -> VisionConfig:
     is none of them). A tower saved without its merger says so (merger=False)."""
     if is_hf_dir(path):
         hf = json.loads((Path(path) / "config.json").read_text())
-        if is_vision_tower_dir(path):
+        if _is_vision_tower(hf):
             vision = qwen2_5_vl.vision_config_from_hf(hf)
             has_merger = any(k.startswith("merger.") for k in safetensors_keys(path))
             return vision if has_merger else dataclasses.replace(vision, merger=False)
